@@ -1,0 +1,52 @@
+"""The `ul2lab` command: one subcommand per concern.
+
+Each subcommand lives in the module that owns the work and exposes
+`add_parser(subparsers)`, which builds its argparse parser and sets
+`func=<callable(args) -> int>`. Modules are imported only to build the parser,
+so they must keep heavy imports (tensorflow, seqio, torch) inside functions.
+"""
+import argparse
+import importlib
+import sys
+
+# subcommand modules, in the order `ul2lab --help` lists them
+SUBCOMMAND_MODULES = (
+    "ul2lab.hf_cli",        # import-hf, export-hf
+    "ul2lab.vocab",         # vocab
+)
+
+
+class UserError(Exception):
+    """A problem with the user's input or config: printed as one plain line, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ul2lab", description="UL2 / T5 pretraining, evaluation and Hugging Face interop on JAX.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # subcommand not built yet in this checkout
+                continue
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"ul2lab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
