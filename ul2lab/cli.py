@@ -11,8 +11,10 @@ import sys
 
 # subcommand modules, in the order `ul2lab --help` lists them
 SUBCOMMAND_MODULES = (
+    "ul2lab.train_cli",     # train, anneal, demo
     "ul2lab.hf_cli",        # import-hf, export-hf
     "ul2lab.vocab",         # vocab
+    "ul2lab.infer_cli",     # infer, eval
 )
 
 
@@ -49,4 +51,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under `python -m ul2lab.cli` this file is __main__; use the importable module so that
+    # subcommands' `ul2lab.cli.UserError` is the class caught here
+    from ul2lab.cli import main as _main
+    sys.exit(_main())

@@ -1,0 +1,110 @@
+"""Optimizers (optax GradientTransformations), built by name with `make_optimizer`.
+
+    adafactor  t5x's default: factored second moments with decay rate 0.8, updates clipped to
+               block RMS 1.0, step size multiplied by the parameter's RMS (at least 1e-3),
+               epsilon1 1e-30, no momentum. optax.adafactor implements t5x's algorithm; these
+               arguments select t5x's defaults, and 3-D attention kernels are factored as t5x's
+               logical factor rules do: rows = embed, columns = (heads, kv).
+    adamw      AdamW with decoupled weight decay; rms_scaling=True gives nanoT5's AdamWScale:
+               each tensor's Adam step is multiplied by max(1e-3, RMS(param)), like Adafactor's
+               parameter scale, which lets T5 train with AdamW at Adafactor-like rates (~2e-2).
+
+`learning_rate` is a float or a schedule (ul2lab.schedules). grad_clip_norm clips the global
+gradient norm before the optimizer sees the gradients.
+"""
+import inspect
+from typing import Any, Callable, Optional, Union
+
+import jax
+import optax
+
+LearningRate = Union[float, optax.Schedule]
+
+
+def adafactor(learning_rate: LearningRate, decay_rate: float = 0.8, multiply_by_parameter_scale: bool = True,
+              clipping_threshold: Optional[float] = 1.0, factored: bool = True,
+              min_dim_size_to_factor: int = 128, epsilon1: float = 1e-30, momentum: Optional[float] = None,
+              weight_decay_rate: Optional[float] = None) -> optax.GradientTransformation:
+    """Adafactor with t5x's defaults (t5x.adafactor.Adafactor with standard_logical_factor_rules).
+
+    A matrix is factored when both its dimensions are >= min_dim_size_to_factor; an attention
+    kernel when embed and heads * kv are (t5x factors those at any size: only tiny models differ).
+    """
+    return _attention_kernels_as_matrices(optax.adafactor(
+        learning_rate=learning_rate, decay_rate=decay_rate,
+        multiply_by_parameter_scale=multiply_by_parameter_scale, clipping_threshold=clipping_threshold,
+        factored=factored, min_dim_size_to_factor=min_dim_size_to_factor, eps=epsilon1,
+        momentum=momentum, weight_decay_rate=weight_decay_rate))
+
+
+def _matrix_shape(path, shape) -> tuple:
+    """The 2-D view t5x's factor rules give an attention kernel: (embed, heads * kv) for query/key/
+    value kernels [embed, heads, kv], (heads * kv, embed) for `out` [heads, kv, embed]."""
+    if len(shape) != 3:
+        return shape
+    if any(getattr(key, "key", None) == "out" for key in path):
+        return (shape[0] * shape[1], shape[2])
+    return (shape[0], shape[1] * shape[2])
+
+
+def _attention_kernels_as_matrices(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` on 2-D views of the 3-D attention kernels. optax factors the two largest
+    dimensions of a tensor, which for [embed, heads, kv] would be embed and kv alone (and not at
+    all when kv < 128); t5x factors embed against heads and kv together. RMS-based parameter
+    scale and clipping are per tensor, so the view changes nothing else."""
+    def views(tree):
+        return jax.tree_util.tree_map_with_path(lambda p, x: x.reshape(_matrix_shape(p, x.shape)), tree)
+
+    def init(params):
+        return inner.init(views(params))
+
+    def update(updates, state, params=None):
+        new, state = inner.update(views(updates), state, None if params is None else views(params))
+        return jax.tree_util.tree_map(lambda u, g: u.reshape(g.shape), new, updates), state
+    return optax.GradientTransformation(init, update)
+
+
+def matrices_only(params: Any) -> Any:
+    """Weight-decay mask: decay kernels and embeddings (ndim >= 2), not norm scales or biases."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def adamw(learning_rate: LearningRate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.0, rms_scaling: bool = False, min_rms_scale: float = 1e-3,
+          weight_decay_mask: Optional[Callable[[Any], Any]] = matrices_only) -> optax.GradientTransformation:
+    """AdamW; with rms_scaling, nanoT5's AdamWScale (step x max(min_rms_scale, RMS(param)) per tensor).
+
+    Weight decay is decoupled and scaled by the learning rate only (not by the RMS), as in both.
+    """
+    if not rms_scaling:
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=weight_decay_mask)
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_param_block_rms(min_scale=min_rms_scale),
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+OPTIMIZERS = {"adafactor": adafactor, "adamw": adamw}
+
+
+def make_optimizer(name: str, learning_rate: LearningRate, grad_clip_norm: Optional[float] = None,
+                   **kwargs: Any) -> optax.GradientTransformation:
+    """The optimizer called `name` ("adafactor" or "adamw"), with its keyword arguments.
+
+    grad_clip_norm: clip gradients to this global norm first (None: no clipping).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    if grad_clip_norm is not None and grad_clip_norm <= 0:
+        raise ValueError(f"grad_clip_norm must be positive (or None for no clipping), got {grad_clip_norm}")
+    known = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"learning_rate"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"optimizer {name!r} has no argument(s) {unknown}; its arguments are {sorted(known)}")
+    optimizer = OPTIMIZERS[name](learning_rate, **kwargs)
+    if grad_clip_norm is None:
+        return optimizer
+    return optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
