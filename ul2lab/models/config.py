@@ -6,9 +6,13 @@ or a checkpoint's config.json) and passed down.
 """
 import dataclasses
 import json
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
+import jax
 import jax.numpy as jnp
+
+# names the MLP understands (ul2lab.models.layers); gelu is the tanh approximation, as T5
+MLP_ACTIVATIONS = ("gelu", "silu", "swish", "relu", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,14 @@ class T5Config:
         if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"T5Config.attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        unknown = [a for a in self.mlp_activations if a not in MLP_ACTIVATIONS]
+        if not self.mlp_activations or unknown:
+            raise ValueError(f"T5Config.mlp_activations {self.mlp_activations} has unknown entries "
+                             f"{unknown}; use names from {MLP_ACTIVATIONS}, e.g. ('gelu', 'linear')")
+        if self.remat_policy not in ("none", "full") and not hasattr(jax.checkpoint_policies,
+                                                                       self.remat_policy):
+            raise ValueError(f"T5Config.remat_policy {self.remat_policy!r} is not 'none', 'full' or a "
+                             "jax.checkpoint_policies name such as 'dots_with_no_batch_dims_saveable'")
 
     @property
     def compute_dtype(self):
@@ -85,9 +97,13 @@ PRESETS = {
     "t5_1_1_large": _t5_1_1(1024, 16, 24, 2816),
     "t5_1_1_xl": _t5_1_1(2048, 32, 24, 5120),
     "t5_1_1_xxl": _t5_1_1(4096, 64, 24, 10240),
+    # UL2-20B: shapes as the public google/ul2 config.json (d_model 4096, d_kv 256, 16 heads,
+    # d_ff 16384, gated-silu, 32+32 layers, 32 buckets / 128 max distance). That config does not
+    # untie the head, so Hugging Face runs it tied with T5's rescaling; the t5x checkpoint's
+    # decoder_norm has no scale parameter.
     "ul2_20b": T5Config(vocab_size=32128, emb_dim=4096, num_heads=16, num_encoder_layers=32,
                         num_decoder_layers=32, head_dim=256, mlp_dim=16384,
-                        mlp_activations=("silu", "linear"), logits_via_embedding=False,
+                        mlp_activations=("silu", "linear"), logits_via_embedding=True,
                         decoder_norm_use_scale=False),
     # for tests and the CPU demo: seconds to compile, minutes to train
     "tiny": T5Config(vocab_size=512, emb_dim=64, num_heads=4, num_encoder_layers=2,
