@@ -82,3 +82,107 @@ def load_params(directory: str, step: Optional[int] = None) -> Tuple[T5Config, A
             raise CheckpointError(f"{directory} has a {CONFIG_FILE} but no finished checkpoint step")
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
     return config, restored["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs: the whole train state, so an interrupted run resumes exactly.
+#
+#   <step>/params     the float32 parameter tree (what load_params reads)
+#   <step>/opt_state  the optimizer state
+#   <step>/run        JSON: step, dropout key, and the data position (batches drawn from which mixture)
+
+# fields that change parameter shapes: a MODEL_DIR holding another value of any of them is another model
+SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "num_encoder_layers", "num_decoder_layers",
+                "head_dim", "mlp_dim", "mlp_activations", "logits_via_embedding",
+                "relative_attention_num_buckets", "decoder_norm_use_scale", "scan_layers")
+
+
+def check_same_model(directory: str, config: T5Config):
+    """Raise CheckpointError, naming the differing fields, if `directory` holds another model's config."""
+    if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+        return
+    saved, _ = read_config(directory)
+    differ = [f"{name}: {getattr(saved, name)!r} there, {getattr(config, name)!r} now"
+              for name in SHAPE_FIELDS if getattr(saved, name) != getattr(config, name)]
+    if differ:
+        raise CheckpointError(f"{directory} holds a checkpoint of another model shape ({'; '.join(differ)}); "
+                              "choose a new MODEL_DIR, or use the model config that wrote it")
+
+
+class RunCheckpoints:
+    """An orbax CheckpointManager for a training run: async saves, keep-last-N plus every K-th step."""
+
+    def __init__(self, directory: str, max_to_keep: Optional[int] = 3, keep_period: Optional[int] = None,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=async_save,
+            create=True))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, run: dict):
+        """Start writing step `step` (returns before it is on disk when async; see wait)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            run=ocp.args.JsonSave(run)), force=True)
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Tuple[Any, Any, dict]:
+        """(params, opt_state, run dict) of `step`, laid out as the abstract trees' shardings say."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state), run=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"could not restore step {step} of {self.directory}: its parameters or "
+                                  f"optimizer state do not match this run's model and optimizer ({e}). "
+                                  "Resume with the settings that wrote it, or choose a new MODEL_DIR") from e
+        what = f"step {step} of {self.directory}: its parameters or optimizer state"
+        _check_shapes(restored["params"], abstract_params, what)
+        _check_shapes(restored["opt_state"], abstract_opt_state, what)
+        return restored["params"], restored["opt_state"], dict(restored["run"])
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Tuple[Any, int]:
+    """(params laid out as abstract_params says, step) from any ul2lab checkpoint directory: params only."""
+    directory = os.path.abspath(directory)
+    read_config(directory)  # a clear error if it is not a checkpoint directory
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory} has a {CONFIG_FILE} but no finished checkpoint step")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"the parameters in {directory} (step {step}) do not fit this model: {e}") from e
+    _check_shapes(restored["params"], abstract_params, f"the parameters in {directory} (step {step})")
+    return restored["params"], step
+
+
+def _check_shapes(restored: Any, expected: Any, what: str):
+    """orbax restores an array of another shape without complaint; a model of another shape must fail."""
+    wrong = [f"{jax.tree_util.keystr(path)}: {np.shape(got)} saved, {want.shape} expected"
+             for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                          jax.tree_util.tree_leaves(expected))
+             if tuple(np.shape(got)) != tuple(want.shape)]
+    if wrong:
+        raise CheckpointError(f"{what} do not fit this model: {'; '.join(wrong[:3])}"
+                              + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+
+
+def latest_run_record(directory: str) -> Optional[dict]:
+    """The run JSON (step, data position, ...) of the latest step, read without writing anything."""
+    if not has_checkpoint(directory):
+        return None
+    with ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(create=False)) as manager:
+        step = manager.latest_step()
+        return dict(manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])

@@ -1,0 +1,166 @@
+"""`ul2lab train` / `ul2lab anneal` end to end on a small in-memory seqio task: the real data path
+(seqio -> packing -> host batches), exact resume through it, and bad input refused before work."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from ul2lab import checkpoints, cli
+
+TASK = "train_cli_test_copy_task"
+VOCAB_SIZE = 512
+
+
+def _examples(split, shuffle_files=False, seed=None):
+    """Learnable toy data: the targets are the inputs' first half reversed."""
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(3, VOCAB_SIZE, int(rng.integers(6, 20))).astype(np.int32) for _ in range(64)]
+    return tf.data.Dataset.from_generator(
+        lambda: ({"inputs": x, "targets": x[: len(x) // 2][::-1].copy()} for x in inputs),
+        output_signature={"inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32)})
+
+
+def _register():
+    if TASK in seqio.TaskRegistry.names():
+        return
+    vocabulary = seqio.PassThroughVocabulary(VOCAB_SIZE, eos_id=1)
+    seqio.TaskRegistry.add(
+        TASK, seqio.FunctionDataSource(_examples, splits=["train"]),
+        preprocessors=[seqio.preprocessors.append_eos],
+        output_features={k: seqio.Feature(vocabulary, add_eos=True) for k in ("inputs", "targets")})
+
+
+_register()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Each run compiles the same tiny programs again: a persistent cache makes that a lookup."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
+
+
+def train_args(model_dir, *extra, steps=8):
+    return ["train", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/pretrain_ul2.gin",
+            "--gin_file=schedules/infinite.gin",
+            f"--gin.MODEL_DIR={model_dir}", f"--gin.MIXTURE_OR_TASK_NAME={TASK}",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", f"--gin.TRAIN_STEPS={steps}",
+            "--gin.BATCH_SIZE=8", "--gin.TrainConfig.log_period=1", "--gin.TrainConfig.num_devices=1",
+            "--gin.TrainConfig.learning_rate=@infinite_schedule()", "--gin.WARMUP_STEPS=2",
+            "--gin.COOLDOWN_STEPS=2", "--gin.PEAK_LEARNING_RATE=0.05", "--gin.CONSTANT_LEARNING_RATE=0.02",
+            "--gin.TrainConfig.checkpoint_period=4", *extra]
+
+
+def logged(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("straight"))
+    assert cli.main(train_args(model_dir)) == 0
+    return model_dir
+
+
+def test_train_writes_config_checkpoints_and_a_falling_loss(straight_run):
+    records = logged(straight_run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
+    assert records[0]["learning_rate"] == pytest.approx(0.0)       # warmup from 0
+    assert records[4]["learning_rate"] == pytest.approx(0.02)      # constant phase from step 4
+    with open(os.path.join(straight_run, "config.gin")) as f:
+        operative = f.read()
+    assert "TrainConfig.mixture_or_task_name = %MIXTURE_OR_TASK_NAME" in operative
+    assert TASK in operative
+    config, payload = checkpoints.read_config(straight_run)
+    assert config.emb_dim == 64 and payload["task_feature_lengths"] == {"inputs": 32, "targets": 16}
+    assert checkpoints.RunCheckpoints(straight_run).latest_step() == 8
+    events = [os.path.join(straight_run, "tensorboard", f) for f in os.listdir(os.path.join(straight_run, "tensorboard"))]
+    scalars = {(e.step, v.tag): float(tf.make_ndarray(v.tensor))
+               for path in events for e in tf.compat.v1.train.summary_iterator(path) for v in e.summary.value}
+    assert scalars[(8, "loss")] == pytest.approx(records[-1]["loss"])
+
+
+def test_resumed_run_through_seqio_reproduces_the_straight_run(straight_run, tmp_path):
+    model_dir = str(tmp_path)
+    assert cli.main(train_args(model_dir, steps=4)) == 0
+    assert cli.main(train_args(model_dir, steps=8)) == 0  # resumes at 4, skips 4 batches
+    resumed = {r["step"]: r["loss"] for r in logged(model_dir)}
+    straight = {r["step"]: r["loss"] for r in logged(straight_run)}
+    assert resumed == straight
+
+
+def test_anneal_branches_into_a_new_directory_and_leaves_the_main_run_alone(straight_run, tmp_path):
+    before = sorted(os.listdir(straight_run)), open(os.path.join(straight_run, "metrics.jsonl")).read()
+    branch = str(tmp_path / "annealed")
+    assert cli.main(["anneal", f"--checkpoint_dir={straight_run}", f"--output_dir={branch}", "--step=4",
+                     "--anneal_steps=4", "--end_value=0.002"]) == 0
+    records = logged(branch)
+    assert [r["step"] for r in records] == [5, 6, 7, 8]
+    expected = [0.02 * (0.1 ** ((s - 4) / 4)) for s in (4, 5, 6, 7)]  # lr of the step being taken
+    np.testing.assert_allclose([r["learning_rate"] for r in records], expected, rtol=1e-5)
+    assert checkpoints.RunCheckpoints(branch).latest_step() == 8
+    assert (sorted(os.listdir(straight_run)), open(os.path.join(straight_run, "metrics.jsonl")).read()) == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gin.TrainConfig.train_step=5"], "TrainConfig has no parameter 'train_step'; did you mean train_steps?"),
+    (["--gin.TrainConfg.batch_size=8"], "unknown name 'TrainConfg'; did you mean TrainConfig"),
+    (["--gin.preset.emb_dimm=32"], "T5Config has no field 'emb_dimm'; did you mean emb_dim"),
+    (["--gin.TRAIN_STEP=5"], "macro TRAIN_STEP is not used by any gin file; did you mean TRAIN_STEPS"),
+    (["--gin.MIXTURE_OR_TASK_NAME=train_cli_test_copy_tsk"],
+     f"'train_cli_test_copy_tsk' is not a registered seqio task or mixture; did you mean '{TASK}'?"),
+    (["--gin.BATCH_SIZE=6", "--gin.TrainConfig.num_devices=8"],
+     "BATCH_SIZE 6 (/1 microbatches = 6) is not divisible by the data-parallel size 8"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, capsys, extra, message):
+    model_dir = str(tmp_path / "run")
+    assert cli.main(train_args(model_dir, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(model_dir)
+
+
+def test_missing_model_dir_is_named(capsys):
+    args = [a for a in train_args("unused") if not a.startswith("--gin.MODEL_DIR")]
+    assert cli.main(args) == 2
+    assert "required settings MODEL_DIR are not set; pass --gin.MODEL_DIR=..." in capsys.readouterr().err
+
+
+def test_model_dir_of_another_model_is_refused_and_untouched(straight_run, capsys):
+    before = {p: os.path.getmtime(os.path.join(straight_run, p)) for p in os.listdir(straight_run)}
+    assert cli.main(train_args(straight_run, "--gin.preset.emb_dim=32")) == 2
+    assert "holds a checkpoint of another model shape (emb_dim: 64 there, 32 now)" in capsys.readouterr().err
+    assert {p: os.path.getmtime(os.path.join(straight_run, p)) for p in os.listdir(straight_run)} == before
+
+
+def test_missing_model_file_is_named(tmp_path, capsys):
+    args = [a for a in train_args(str(tmp_path / "run")) if "models/" not in a]
+    assert cli.main(args) == 2
+    assert "the macro MODEL is used but never set" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("run_file", ["runs/pretrain_ul2.gin", "runs/continual_tables.gin", "runs/finetune.gin",
+                                      "runs/demo_continual_tables_cpu.gin"])
+@pytest.mark.parametrize("model_file", ["models/t5_1_1_small.gin", "models/ul2_20b.gin"])
+def test_every_run_file_builds_a_config_with_every_model(run_file, model_file):
+    from ul2lab import schedules, train_cli
+    from ul2lab.models.config import PRESETS
+
+    config = train_cli.load_train_config(
+        [model_file, run_file, "partitioning/fsdp.gin"],
+        ["MODEL_DIR = '/unused'", "TRAIN_STEPS = 10", "MIXTURE_OR_TASK_NAME = 'x'", "INITIAL_CHECKPOINT_PATH = '/ckpt'"])
+    name = model_file.split("/")[-1][:-4] if "demo" not in run_file else "tiny"  # the demo includes its model
+    assert config.model.emb_dim == PRESETS[name].emb_dim and config.model.num_heads == PRESETS[name].num_heads
+    assert config.mesh_shape == {"data": 1, "fsdp": -1, "model": 1} and config.logical_axis_rules == "fsdp"
+    if run_file == "runs/continual_tables.gin":  # continual: constant from the first step, no re-warming
+        assert isinstance(config.learning_rate, schedules.InfiniteSchedule)
+        assert float(config.learning_rate(0)) == pytest.approx(config.learning_rate.constant_value)
+        assert config.initial_checkpoint_path == "/ckpt"
+    if run_file == "runs/finetune.gin":
+        assert config.model.dropout_rate == 0.1 and config.task_feature_lengths["targets"] == 114
