@@ -214,8 +214,6 @@ def test_relative_position_buckets_known_values():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(NotImplementedError, match="scan_layers"):
-        Transformer(tiny(scan_layers=True))
     with pytest.raises(ValueError, match="remat_policy"):
         tiny(remat_policy="no_such_policy")
     with pytest.raises(ValueError, match="mlp_activations"):

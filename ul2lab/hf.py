@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from flax import traverse_util
 
+from ul2lab.models import network
 from ul2lab.models.config import T5Config
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -266,8 +267,11 @@ class _WeightReader:
 
 # ----------------------------------------------------------------------------- load / save
 
-def load(hf_dir: str) -> Tuple[T5Config, dict]:
-    """(config, float32 t5x-named params) of a Hugging Face T5 / mT5 directory."""
+def load(hf_dir: str, scan_layers: bool = False) -> Tuple[T5Config, dict]:
+    """(config, float32 t5x-named params) of a Hugging Face T5 / mT5 directory.
+
+    scan_layers=True gives a scan_layers config with each stack's layers stacked (`layers`).
+    """
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise HFFormatError(f"{hf_dir} is not a directory; pass the folder that holds the HF model's "
@@ -309,11 +313,16 @@ def load(hf_dir: str) -> Tuple[T5Config, dict]:
     if unexpected:
         raise HFFormatError(f"{hf_dir} has weights a T5ForConditionalGeneration does not: {unexpected[:3]}"
                             f"{' ...' if len(unexpected) > 3 else ''}; is it another architecture?")
-    return config, traverse_util.unflatten_dict(flat, sep="/")
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    if scan_layers:
+        return config.replace(scan_layers=True), network.stack_layers(params)
+    return config, params
 
 
 def _export_plan(config: T5Config, params: dict) -> List[Tuple[_Tensor, Optional[np.ndarray]]]:
     """Each HF tensor with its t5x param (None: write ones), every shape checked before any writing."""
+    if network.is_stacked(params):  # a scan_layers model: HF numbers its layers like layers_<i>
+        params = network.unstack_layers(params)
     flat = traverse_util.flatten_dict(params, sep="/")
     plan = []
     for t in _tensor_map(config, logits_dense=not config.logits_via_embedding):
@@ -322,7 +331,7 @@ def _export_plan(config: T5Config, params: dict) -> List[Tuple[_Tensor, Optional
             continue
         if t.path not in flat:
             raise HFFormatError(f"params have no {t.path!r}, which the config implies; are these params of "
-                                "this config (unstacked layers, scan_layers=False)?")
+                                "this config?")
         # np.empty touches no memory and every layout is a view, so this costs nothing
         expected = t.layout.to_t5x(np.empty(t.hf_shape, np.float32), config).shape
         if np.shape(flat[t.path]) != expected:

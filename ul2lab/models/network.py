@@ -6,6 +6,7 @@ are t5x's, so checkpoints and partitioning rules carry over.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from ul2lab.models.config import T5Config
@@ -37,17 +38,29 @@ def _mlp(cfg: T5Config):
                     dropout_rate=cfg.dropout_rate, name="mlp")
 
 
-def _maybe_remat(layer_cls, policy_name: str):
+def _maybe_remat(layer_cls, policy_name: str, scanned: bool = False):
     """Wrap a layer in nn.remat; flags live on the module (not call args) so nothing static is traced."""
     if policy_name == "none":
         return layer_cls
     policy = None if policy_name == "full" else getattr(jax.checkpoint_policies, policy_name)
-    return nn.remat(layer_cls, policy=policy, prevent_cse=True)
+    # inside a scan the loop boundary already stops XLA from merging recomputation away (CSE)
+    return nn.remat(layer_cls, policy=policy, prevent_cse=not scanned)
+
+
+def _layer_stack(layer_cls, cfg: T5Config, num_layers: int, num_inputs: int):
+    """`layer_cls` (remat applied inside) scanned num_layers times: one compiled layer body, params
+    stacked on a leading 'layers' axis as t5x's scan_layers (named `layers`, not `layers_<i>`)."""
+    return nn.scan(_maybe_remat(layer_cls, cfg.remat_policy, scanned=True),
+                   variable_axes={"params": 0, "cache": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,) * num_inputs, length=num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class EncoderLayer(nn.Module):
     config: T5Config
     deterministic: bool = True
+    scanned: bool = False  # inside nn.scan: return (carry, per-layer output) as scan expects
 
     @nn.compact
     def __call__(self, x, mask, bias):
@@ -58,13 +71,15 @@ class EncoderLayer(nn.Module):
         h = _norm(cfg, "pre_mlp_layer_norm")(x)
         h = _mlp(cfg)(h, deterministic=self.deterministic)
         x = x + _dropout(cfg)(h, deterministic=self.deterministic)
-        return nn.with_logical_constraint(x, _EMBED_AXES)
+        x = nn.with_logical_constraint(x, _EMBED_AXES)
+        return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
     config: T5Config
     deterministic: bool = True
     decode: bool = False
+    scanned: bool = False
 
     @nn.compact
     def __call__(self, y, encoded, self_mask, cross_mask, bias):
@@ -80,7 +95,13 @@ class DecoderLayer(nn.Module):
         h = _norm(cfg, "pre_mlp_layer_norm")(y)
         h = _mlp(cfg)(h, deterministic=self.deterministic)
         y = y + _dropout(cfg)(h, deterministic=self.deterministic)
-        return nn.with_logical_constraint(y, _EMBED_AXES)
+        y = nn.with_logical_constraint(y, _EMBED_AXES)
+        return (y, None) if self.scanned else y
+
+
+def _swap_batch_and_layers(cache):
+    # (layers, batch, ...) <-> (batch, layers, ...); the per-layer cache_index (layers,) stays
+    return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1) if x.ndim > 1 else x, cache)
 
 
 def _relpos_bias(cfg: T5Config):
@@ -102,9 +123,13 @@ class Encoder(nn.Module):
         x = nn.with_logical_constraint(x, _EMBED_AXES)
         length = encoder_input_tokens.shape[-1]
         bias = _relpos_bias(cfg)(length, length, bidirectional=True)
-        layer_cls = _maybe_remat(EncoderLayer, cfg.remat_policy)
-        for i in range(cfg.num_encoder_layers):
-            x = layer_cls(cfg, deterministic=deterministic, name=f"layers_{i}")(x, encoder_mask, bias)
+        if cfg.scan_layers:
+            x, _ = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, 2)(
+                cfg, deterministic=deterministic, scanned=True, name="layers")(x, encoder_mask, bias)
+        else:
+            layer_cls = _maybe_remat(EncoderLayer, cfg.remat_policy)
+            for i in range(cfg.num_encoder_layers):
+                x = layer_cls(cfg, deterministic=deterministic, name=f"layers_{i}")(x, encoder_mask, bias)
         x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg)(x, deterministic=deterministic)
 
@@ -126,10 +151,20 @@ class Decoder(nn.Module):
         if decode and not max_decode_length:
             raise ValueError("decode=True needs max_decode_length (the length of the key/value cache)")
         bias = _relpos_bias(cfg)(length, length, bidirectional=False)
-        layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy)
-        for i in range(cfg.num_decoder_layers):
-            y = layer_cls(cfg, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
+        if cfg.scan_layers:
+            stack = _layer_stack(DecoderLayer, cfg, cfg.num_decoder_layers, 4)
+            if decode:
+                # the scan stacks each layer's key/value cache on axis 0; stored batch-first instead,
+                # so beam search reorders cache rows (axis 0) the same way as for unrolled layers
+                stack = nn.map_variables(stack, "cache", trans_in_fn=_swap_batch_and_layers,
+                                         trans_out_fn=_swap_batch_and_layers, mutable=True)
+            y, _ = stack(cfg, deterministic=deterministic, decode=decode, scanned=True, name="layers")(
                 y, encoded, decoder_mask, encoder_decoder_mask, bias)
+        else:
+            layer_cls = _maybe_remat(DecoderLayer, cfg.remat_policy)
+            for i in range(cfg.num_decoder_layers):
+                y = layer_cls(cfg, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
+                    y, encoded, decoder_mask, encoder_decoder_mask, bias)
         y = _norm(cfg, "decoder_norm", use_scale=cfg.decoder_norm_use_scale)(y)
         y = _dropout(cfg)(y, deterministic=deterministic)
         if cfg.logits_via_embedding:
@@ -148,12 +183,6 @@ class Transformer(nn.Module):
     0 for padding); attention never crosses segments.
     """
     config: T5Config
-
-    def __post_init__(self):
-        if self.config.scan_layers:
-            raise NotImplementedError("T5Config.scan_layers=True is not implemented yet; "
-                                      "set scan_layers=False (layers are unrolled)")
-        super().__post_init__()
 
     def setup(self):
         cfg = self.config
@@ -227,3 +256,47 @@ def init_params(config: T5Config, rng, batch_size: int = 1, input_length: int = 
 def abstract_params(config: T5Config):
     """Shapes/dtypes of the boxed parameter tree (no memory): feed to partitioning.params_shardings."""
     return jax.eval_shape(lambda rng: init_params(config, rng, boxed=True), jax.random.PRNGKey(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting params between unrolled (`layers_0`, `layers_1`, ...) and scanned (`layers`, stacked
+# on axis 0) layouts, for checkpoints and Hugging Face import/export of scan_layers models.
+
+_STACKS = ("encoder", "decoder")
+
+
+def is_stacked(params) -> bool:
+    """True if the params tree has scanned layers (`encoder/layers`)."""
+    return "layers" in params.get("encoder", {})
+
+
+def stack_layers(params):
+    """Unrolled params -> scan_layers params: each stack's `layers_<i>` stacked into `layers`."""
+    out = dict(params)
+    for stack in _STACKS:
+        sub = dict(params[stack])
+        names = sorted((k for k in sub if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+        if [int(k.split("_")[1]) for k in names] != list(range(len(names))) or not names:
+            raise ValueError(f"params/{stack} has layers {names}; expected layers_0 ... layers_<n-1> "
+                             "(are they already stacked?)")
+        layers = [sub.pop(k) for k in names]
+        # numpy stays numpy (checkpoint and Hugging Face conversion run on the host)
+        sub["layers"] = jax.tree_util.tree_map(
+            lambda *xs: (np.stack if isinstance(xs[0], np.ndarray) else jnp.stack)(xs), *layers)
+        out[stack] = sub
+    return out
+
+
+def unstack_layers(params):
+    """scan_layers params -> unrolled params (`layers_<i>`, as t5x and Hugging Face number them)."""
+    out = dict(params)
+    for stack in _STACKS:
+        sub = dict(params[stack])
+        if "layers" not in sub:
+            raise ValueError(f"params/{stack} has no stacked 'layers' (are they already unrolled?)")
+        layers = sub.pop("layers")
+        count = jax.tree_util.tree_leaves(layers)[0].shape[0]
+        for i in range(count):
+            sub[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], layers)
+        out[stack] = sub
+    return out

@@ -1,0 +1,213 @@
+"""Multi-host training: 2 processes x 2 CPU devices (gloo collectives) train a tiny T5 with data
+and model parallelism through the real training loop, checkpoint, restart, resume, and match a
+single-process 4-device run step for step. Also: the start-up flags and cluster detection.
+
+This file is also the worker: `python tests/test_multihost.py --process_id ...` is one host.
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MESH = {"data": 2, "fsdp": 1, "model": 2}   # data parallel across the 2 hosts, model parallel within
+STEPS, SAVE_AT = 6, 3
+
+
+def run_config(model_dir, train_steps, num_devices=None):
+    from ul2lab import schedules, trainer
+    from ul2lab.models.config import preset
+
+    return trainer.TrainConfig(
+        model_dir=str(model_dir), mixture_or_task_name="synthetic",
+        model=preset("tiny", num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1),
+        task_feature_lengths={"inputs": 32, "targets": 32}, train_steps=train_steps, batch_size=8,
+        learning_rate=schedules.constant_schedule(0.05), checkpoint_period=SAVE_AT, log_period=1,
+        tensorboard=False, mesh_shape=MESH, num_devices=num_devices)
+
+
+def host_batches(skip):
+    """This host's rows of the global batch i (a fixed function of i), from batch `skip` on."""
+    import jax
+    from test_train_step import packed_batch
+
+    rows = 8 // jax.process_count()
+    lo = jax.process_index() * rows
+    index = skip
+    while True:
+        yield {k: v[lo:lo + rows] for k, v in packed_batch(100 + index % 2).items()}
+        index += 1
+
+
+def losses(result):
+    return {r["step"]: r["loss"] for r in result["history"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one host of the 2-process run.
+
+def worker_main(argv=None):
+    parser = argparse.ArgumentParser()
+    from ul2lab import distributed
+
+    distributed.add_arguments(parser)
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--train_steps", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    how = distributed.initialize_from_args(args)   # first, before anything touches devices
+    again = distributed.initialize_from_args(args)  # idempotent
+
+    import jax
+    from ul2lab import trainer
+
+    result = trainer.train(run_config(args.model_dir, args.train_steps), host_batches)
+    with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
+        json.dump({"how": how, "again": again, "process_count": jax.process_count(),
+                   "num_devices": result["num_devices"],
+                   "local_devices": jax.local_device_count(), "losses": losses(result)}, f)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_two_hosts(model_dir, train_steps, out, cache_dir, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    # the restarted hosts find the first hosts' programs in the persistent compilation cache
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), env.get("PYTHONPATH", "")]))
+    address = f"localhost:{free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--coordinator_address", address, "--num_processes", "2",
+         "--process_id", str(i), "--model_dir", str(model_dir), "--train_steps", str(train_steps),
+         "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, f"host exited with {p.returncode}:\n{text[-4000:]}"
+    results = []
+    for i in range(2):
+        with open(f"{out}.{i}.json") as f:
+            results.append(json.load(f))
+    return results, outputs
+
+
+def as_steps(d):
+    return {int(k): v for k, v in d.items()}
+
+
+def test_two_hosts_train_checkpoint_resume_match_one_host(tmp_path):
+    import numpy as np
+    from ul2lab import trainer
+
+    one_host = losses(trainer.train(run_config(tmp_path / "one_host", STEPS, num_devices=4), host_batches))
+    assert sorted(one_host) == list(range(1, STEPS + 1))
+
+    model_dir = tmp_path / "two_hosts"
+    first, _ = run_two_hosts(model_dir, SAVE_AT, tmp_path / "first", tmp_path / "cache")
+    for r in first:
+        assert (r["how"], r["again"], r["process_count"], r["num_devices"], r["local_devices"]) == (
+            "explicit", "already", 2, 4, 2)
+    assert first[0]["losses"] == first[1]["losses"]  # both hosts see the same global loss
+
+    # restart both processes: they resume from the step-3 checkpoint they wrote together
+    second, outputs = run_two_hosts(model_dir, STEPS, tmp_path / "second", tmp_path / "cache")
+    assert all(f"at step {SAVE_AT}" in text for text in outputs), outputs[0][-2000:]
+    assert second[0]["losses"] == second[1]["losses"]
+    two_hosts = {**as_steps(first[0]["losses"]), **as_steps(second[0]["losses"])}
+    assert sorted(two_hosts) == sorted(one_host)
+    steps = sorted(one_host)
+    np.testing.assert_allclose([two_hosts[s] for s in steps], [one_host[s] for s in steps], rtol=2e-5)
+    assert one_host[5] < one_host[1] - 0.5  # it learned: the same batch four steps later
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up flags and detection (no processes started).
+
+@pytest.mark.parametrize("kwargs, needs", [
+    (dict(num_processes=2), "--coordinator_address, --process_id"),
+    (dict(coordinator_address="h:1", process_id=0), "--num_processes"),
+])
+def test_partial_flags_name_the_missing_ones(kwargs, needs):
+    from ul2lab import distributed
+
+    with pytest.raises(ValueError, match=f"need {needs} too"):
+        distributed.initialize(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(coordinator_address="nohostport", num_processes=2, process_id=0), "is not host:port"),
+    (dict(coordinator_address="h:1", num_processes=0, process_id=0), "positive whole number"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"must be in 0 \.\.\. 1"),
+])
+def test_bad_flag_values_are_refused(kwargs, message):
+    from ul2lab import distributed
+
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize(**kwargs)
+
+
+def test_single_host_does_nothing_and_late_initialize_is_explained(monkeypatch):
+    import jax
+    from ul2lab import distributed
+
+    for name in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                 "MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() is None
+    assert not jax.distributed.is_initialized()
+    jax.devices()  # the backend is up: connecting now is too late, and the error says why
+    with pytest.raises(RuntimeError, match="call it at the very start"):
+        distributed.initialize("localhost:1", 2, 0)
+
+
+SRUN = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_PROCID": "3"}
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),
+    ({**SRUN, "SLURM_NTASKS": "1"}, None),                     # one task: a single process
+    ({**SRUN, "SLURM_NTASKS": "16"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, None),        # the batch script itself, not srun
+    ({"TPU_WORKER_HOSTNAMES": "t-0"}, None),                    # a single-host TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, "tpu"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}, "tpu"),  # multi-slice
+])
+def test_cluster_detection(environ, expected):
+    from ul2lab import distributed
+
+    assert distributed.detect_cluster(environ) == expected
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),                                                               # JAX's default
+    ({"CUDA_VISIBLE_DEVICES": "5", "SLURM_LOCALID": "5"}, [0]),               # --gpus-per-task=1
+    ({"CUDA_VISIBLE_DEVICES": "2,3", "SLURM_GPUS_PER_TASK": "2", "SLURM_LOCALID": "1"}, [0, 1]),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_NTASKS_PER_NODE": "4", "SLURM_LOCALID": "3"}, [3]),  # --gres
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_LOCALID": "1"}, [2, 3]),
+])
+def test_slurm_tasks_drive_the_gpus_slurm_gave_them(environ, expected):
+    from ul2lab import distributed
+
+    assert distributed.slurm_local_device_ids(environ) == expected
+
+
+if __name__ == "__main__":
+    worker_main()
