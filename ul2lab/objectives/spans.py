@@ -30,11 +30,17 @@ def span_corruption_lengths(tokens_length: int, noise_density: float,
   spans, so the lengths are what the graph op will produce (no off-by-one at .5 ties).
   """
   length = max(tokens_length, 2)
+  num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
+  return (length - num_noise + num_spans * extra_tokens_per_span_inputs + 1,
+          num_noise + num_spans * extra_tokens_per_span_targets + 1)
+
+
+def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
+  """(noise tokens, noise spans) of a mask of `length` >= 2, in float32 as the graph op counts."""
   num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
   num_noise = min(max(num_noise, 1), length - 1)
   num_spans = max(int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length))), 1)
-  return (length - num_noise + num_spans * extra_tokens_per_span_inputs + 1,
-          num_noise + num_spans * extra_tokens_per_span_targets + 1)
+  return num_noise, num_spans
 
 
 def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
@@ -65,6 +71,32 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
   return tokens_length, targets_length
 
 
+# Up to this many cuts, ranking the cut gaps by comparing each with every gap is faster than
+# sorting all gaps (measured on CPU: 2x faster at 7-10 cuts, 1.6x slower at 27).
+_MAX_CUTS_BY_COUNTING = 16
+
+
+def _segment_lengths_by_counting(noise, num_items: int, num_segments: int):
+  """_random_segmentation's lengths from the same noise, without sorting all of it.
+
+  The shuffle puts the k = num_segments - 1 ones at the sorted positions of gaps 0..k-1, so
+  the cuts are those gaps' ranks in a stable ascending sort (ties: lower index first, as
+  tf.argsort orders them): rank(i) = #{j: noise_j < noise_i} + #{j < i: noise_j == noise_i}.
+  Segment s then spans the items between cut s - 1 and cut s.
+  """
+  num_cuts = num_segments - 1
+  batch_size = tf.shape(noise)[0]
+  if num_cuts == 0:
+    return tf.fill([batch_size, 1], num_items)
+  cut_noise = noise[:, :num_cuts, None]  # [batch, cuts, 1] against every gap [batch, 1, gaps]
+  earlier = np.arange(num_items - 1)[None, :] < np.arange(num_cuts)[:, None]
+  ahead = tf.where(earlier[None], noise[:, None, :] <= cut_noise, noise[:, None, :] < cut_noise)
+  ranks = tf.sort(tf.reduce_sum(tf.cast(ahead, tf.int32), axis=-1), axis=-1)
+  ends = tf.concat([tf.fill([batch_size, 1], -1), ranks, tf.fill([batch_size, 1], num_items - 1)],
+                   axis=1)
+  return ends[:, 1:] - ends[:, :-1]
+
+
 def _random_segmentation(batch_size, num_items, num_segments, seed):
   """[batch_size, num_segments] random positive lengths summing to num_items per row.
 
@@ -72,6 +104,9 @@ def _random_segmentation(batch_size, num_items, num_segments, seed):
   (seqio's stateless_shuffle: argsort of stateless uniform noise) and cut at the ones.
   """
   noise = tf.random.stateless_uniform([batch_size, num_items - 1], seed=seed)
+  if isinstance(num_items, int) and isinstance(num_segments, int) and \
+      num_segments - 1 <= _MAX_CUTS_BY_COUNTING and num_segments <= num_items:
+    return _segment_lengths_by_counting(noise, num_items, num_segments)
   shuffled_ones = tf.cast(tf.argsort(noise, axis=-1) < num_segments - 1, tf.int32)
   segment_id = tf.cumsum(tf.pad(shuffled_ones, [[0, 0], [1, 0]]), axis=-1)
   return tf.math.bincount(segment_id, minlength=num_segments, maxlength=num_segments, axis=-1)
@@ -82,12 +117,19 @@ def random_spans_noise_mask_batch(batch_size, length, noise_density, seeds,
   """[batch_size, length] noise masks, rows independent; row 0 of a batch of 1 is exactly
   random_spans_noise_mask(length, ..., seeds) (and T5's, for the same seeds)."""
   orig_length = length
-  length = tf.maximum(length, 2)  # avoid degeneracy, as T5 does
-  num_noise_tokens = tf.cast(tf.round(tf.cast(length, tf.float32) * noise_density), tf.int32)
-  num_noise_tokens = tf.minimum(tf.maximum(num_noise_tokens, 1), length - 1)
-  num_noise_spans = tf.cast(
-      tf.round(tf.cast(num_noise_tokens, tf.float32) / mean_noise_span_length), tf.int32)
-  num_noise_spans = tf.maximum(num_noise_spans, 1)
+  if all(isinstance(x, (int, float)) for x in (length, noise_density, mean_noise_span_length)):
+    # counts known when the graph is built (the mixture's case): the same float32 arithmetic
+    # in numpy, so the segmentation can pick its cheaper exact path
+    length = max(int(length), 2)
+    num_noise_tokens, num_noise_spans = _noise_counts(length, noise_density,
+                                                      mean_noise_span_length)
+  else:
+    length = tf.maximum(length, 2)  # avoid degeneracy, as T5 does
+    num_noise_tokens = tf.cast(tf.round(tf.cast(length, tf.float32) * noise_density), tf.int32)
+    num_noise_tokens = tf.minimum(tf.maximum(num_noise_tokens, 1), length - 1)
+    num_noise_spans = tf.cast(
+        tf.round(tf.cast(num_noise_tokens, tf.float32) / mean_noise_span_length), tf.int32)
+    num_noise_spans = tf.maximum(num_noise_spans, 1)
   num_nonnoise_tokens = length - num_noise_tokens
   noise_span_lengths = _random_segmentation(batch_size, num_noise_tokens, num_noise_spans,
                                             seeds[0])
