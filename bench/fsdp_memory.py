@@ -2,18 +2,15 @@
 
     python bench/fsdp_memory.py --models t5_1_1_base t5_1_1_large t5_1_1_xl
 
-Nothing is trained or allocated: the step (`ul2lab.train_step` as the trainer jits it, with
-`trainer.state_layout`'s shardings) is lowered for abstract arrays (ShapeDtypeStructs carrying
-their shardings) over 8 host CPU devices and compiled; XLA's memory analysis of that executable
-gives the bytes of its arguments on one device. The batch's per-device bytes are subtracted, so
-what remains is the TrainState (params, optimizer moments, step, rng) one device holds. The same
-step compiled with replicated parameters (mesh data=8, standard rules) gives the replicated total.
+Nothing is trained or allocated: `ul2lab.memory.compiled_state_memory` compiles the trainer's step
+for abstract arrays over 8 host CPU devices and reads the TrainState bytes one device holds from
+XLA's memory analysis. The same step compiled with replicated parameters (mesh data=8, standard
+rules) gives the replicated total.
 Prints one JSON object per model.
 """
 import os
-import sys
 
-# run as a script: 8 host CPU devices (tests/conftest.py forces the same when the test imports this)
+# 8 host CPU devices (tests/test_fsdp_memory.py checks the same library function under conftest's 8)
 if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
@@ -23,52 +20,23 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import build_train_step  # noqa: E402
-
-from ul2lab import partitioning  # noqa: E402
+from ul2lab import memory  # noqa: E402
 from ul2lab.models.config import preset  # noqa: E402
 
 
-def _bytes_per_device(abstract_tree) -> int:
-    """Bytes of one device's shards of an abstract tree (ShapeDtypeStructs with shardings)."""
-    return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-               for leaf in jax.tree_util.tree_leaves(abstract_tree))
-
-
-def compiled_state_memory(model_name: str, mesh_shape: dict, rules_name: str, optimizer: str = "adafactor",
-                          batch_size: int = 8, inputs_length: int = 512, targets_length: int = 114,
-                          **overrides) -> dict:
-    """Compile the trainer's step for abstract shapes; bytes of the TrainState per device (XLA's figure)."""
-    model = preset(model_name, **overrides)
-    (step_fn, _, mesh, rules, _, abstract_state, _, abstract_batch) = build_train_step(
-        model, optimizer, batch_size, inputs_length, targets_length, mesh_shape, rules_name)
+def compiled_state_memory(model_name: str, mesh_shape: dict, rules_name: str, **kwargs) -> dict:
     start = time.perf_counter()
-    with partitioning.axis_rules(mesh, rules):
-        compiled = step_fn.lower(abstract_state, abstract_batch).compile()
-    analysis = compiled.memory_analysis()
-    batch_bytes = _bytes_per_device(abstract_batch)
-    return {
-        "mesh": dict(mesh.shape), "rules": rules_name,
-        "compile_s": round(time.perf_counter() - start, 2),
-        "argument_bytes_per_device": int(analysis.argument_size_in_bytes),
-        "state_bytes_per_device": int(analysis.argument_size_in_bytes) - batch_bytes,
-        # cross-check from the shardings alone (what each device should hold)
-        "state_bytes_per_device_from_shardings": _bytes_per_device(abstract_state),
-        "state_bytes_total": sum(leaf.size * leaf.dtype.itemsize
-                                 for leaf in jax.tree_util.tree_leaves(abstract_state)),
-        "temp_bytes_per_device": int(analysis.temp_size_in_bytes),
-    }
+    result = memory.compiled_state_memory(preset(model_name), mesh_shape, rules_name, **kwargs)
+    return {**result, "compile_s": round(time.perf_counter() - start, 2)}
 
 
 def fsdp_vs_replicated(model_name: str, optimizer: str = "adafactor", batch_size: int = 8,
-                       inputs_length: int = 512, targets_length: int = 114, **overrides) -> dict:
+                       inputs_length: int = 512, targets_length: int = 114) -> dict:
     """FSDP over all devices vs fully replicated parameters, both compiled; ratio = fsdp / replicated."""
     kwargs = dict(optimizer=optimizer, batch_size=batch_size, inputs_length=inputs_length,
-                  targets_length=targets_length, **overrides)
+                  targets_length=targets_length)
     fsdp = compiled_state_memory(model_name, {"data": 1, "fsdp": -1, "model": 1}, "fsdp", **kwargs)
     replicated = compiled_state_memory(model_name, {"data": -1, "fsdp": 1, "model": 1}, "standard", **kwargs)
     num_devices = int(np.prod(list(fsdp["mesh"].values())))

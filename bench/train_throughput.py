@@ -4,9 +4,8 @@
         --remat_policy dots_with_no_batch_dims_saveable --steps 20 --peer hf --peer_compile
 
 What is timed is exactly what `ul2lab.trainer.train` runs: the TrainState laid out by
-`trainer.state_layout`, the step from `train_step.make_train_step` jitted by
-`train_step.jit_train_step` with the trainer's shardings, traced under the same logical axis
-rules. Only the data differs: full-length random tokens, two packed examples per row (segment
+`trainer.state_layout`, the step from `train_step.build_train_step` with the trainer's shardings
+(`memory.abstract_train_step`), traced under the same logical axis rules. Only the data differs: full-length random tokens, two packed examples per row (segment
 ids 1 and 2), generated on the devices with the batch sharding before the timed loop, so no
 host->device copy or host round trip sits inside it. Each timed step is waited for (the median
 step time is over single steps); seq/s and tokens/s come from the median.
@@ -31,16 +30,9 @@ if any(a == "--peer" or a.startswith("--peer=") for a in sys.argv):
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
-from ul2lab import flops, optimizers, partitioning, schedules, trainer  # noqa: E402
-from ul2lab import train_step as train_step_lib  # noqa: E402
-from ul2lab.models import network  # noqa: E402
+from ul2lab import flops, memory, optimizers, partitioning, trainer  # noqa: E402
 from ul2lab.models.config import PRESETS, preset  # noqa: E402
-
-BATCH_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
-                  "decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
-                  "decoder_positions", "decoder_loss_weights")
 
 
 def parse_mesh(text: str) -> dict:
@@ -58,37 +50,6 @@ def model_config(args):
     overrides = {k: v for k, v in (("dtype", args.dtype), ("attention_impl", args.attention_impl),
                                    ("remat_policy", args.remat_policy)) if v is not None}
     return preset(args.model, **overrides)
-
-
-def build_train_step(model, optimizer_name: str, batch_size: int, inputs_length: int,
-                     targets_length: int, mesh_shape: dict, rules_name: str, num_devices=None):
-    """The trainer's jitted step and layouts from shapes alone (nothing allocated).
-
-    Returns (step_fn, init_state_fn, mesh, rules, state_shardings, abstract_state, batch_sharding,
-    abstract_batch); `init_state_fn()` builds the state sharded, as the trainer does for a fresh run.
-    Trace/lower `step_fn` inside `partitioning.axis_rules(mesh, rules)`, as the trainer does.
-    """
-    config = trainer.TrainConfig(
-        model_dir="(benchmark: nothing is written)", model=model, mixture_or_task_name="synthetic",
-        task_feature_lengths={"inputs": inputs_length, "targets": targets_length}, train_steps=1,
-        batch_size=batch_size, mesh_shape=mesh_shape, num_devices=num_devices,
-        logical_axis_rules=rules_name)
-    mesh, rules, _ = trainer.check(config, with_task=False)
-    schedule = schedules.rsqrt_schedule()
-    optimizer = optimizers.make_optimizer(optimizer_name, schedule)
-    state_shardings, abstract_state = trainer.state_layout(config, optimizer, mesh, rules)
-    batch_sharding = NamedSharding(mesh, partitioning.batch_partition_spec(2, rules))
-    step_fn = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(network.Transformer(model), optimizer, schedule,
-                                       z_loss=config.z_loss, label_smoothing=config.label_smoothing,
-                                       loss_normalizing_factor=config.loss_normalizing_factor),
-        state_shardings, batch_sharding)
-    abstract_batch = {name: jax.ShapeDtypeStruct(
-        (batch_size, inputs_length if name.startswith("encoder") else targets_length), jnp.int32,
-        sharding=batch_sharding) for name in BATCH_FEATURES}
-    init = jax.jit(lambda: train_step_lib.init_state(model, optimizer, config.seed),
-                   out_shardings=state_shardings)
-    return step_fn, init, mesh, rules, state_shardings, abstract_state, batch_sharding, abstract_batch
 
 
 def rules_for(mesh_shape: dict, rules_name) -> str:
@@ -123,28 +84,19 @@ def synthetic_batch(key, batch_size: int, inputs_length: int, targets_length: in
     }
 
 
-def memory_analysis_dict(compiled) -> dict:
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return {}
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
-    return {f: int(getattr(analysis, f)) for f in fields if hasattr(analysis, f)}
-
-
 def run_ours(args, model) -> dict:
     mesh_shape = parse_mesh(args.mesh)
     rules_name = rules_for(mesh_shape, args.rules)
     try:
-        (step_fn, init, mesh, rules, _, abstract_state, batch_sharding,
-         abstract_batch) = build_train_step(model, args.optimizer, args.batch_size, args.inputs_length,
-                                            args.targets_length, mesh_shape, rules_name)
+        step = memory.abstract_train_step(model, args.optimizer, args.batch_size, args.inputs_length,
+                                          args.targets_length, mesh_shape, rules_name)
     except ValueError as error:  # mesh sizes vs devices, batch vs data-parallel size
         raise SystemExit(f"train_throughput.py: {error}")
-    with partitioning.axis_rules(mesh, rules):
-        start = time.perf_counter()
-        compiled = step_fn.lower(abstract_state, abstract_batch).compile()
-        compile_s = time.perf_counter() - start
+    mesh, batch_sharding = step.mesh, step.batch_sharding
+    init = trainer.new_state_fn(model, step.seed, step.optimizer, step.state_shardings)
+    start = time.perf_counter()
+    compiled = step.compile()
+    compile_s = time.perf_counter() - start
     make_batch = jax.jit(synthetic_batch, static_argnums=(1, 2, 3, 4), out_shardings=batch_sharding)
     # a few distinct batches, already on the devices: the timed loop only launches steps
     batches = [make_batch(jax.random.PRNGKey(i), args.batch_size, args.inputs_length,
@@ -165,7 +117,7 @@ def run_ours(args, model) -> dict:
     step_time = statistics.median(times)
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    analysis = memory_analysis_dict(compiled)
+    analysis = memory.memory_analysis_dict(compiled)
     if stats and "peak_bytes_in_use" in stats:
         peak_memory, memory_source = int(stats["peak_bytes_in_use"]), "device.memory_stats"
     else:

@@ -123,6 +123,21 @@ def _files_version(files: Sequence[str]) -> str:
   return digest.hexdigest()[:16]
 
 
+def sentencepiece_file_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
+  """seqio vocabulary of a SentencePiece .model file (+100 extra ids), checked now: seqio loads it
+  lazily, and a bad path would otherwise fail inside the data pipeline of a running job."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"vocabulary {path} does not exist; give the .model file written by "
+                            "`ul2lab vocab` or SentencePiece's spm_train")
+  try:
+    sentencepiece.SentencePieceProcessor(model_file=path)
+  except (RuntimeError, OSError) as e:
+    raise ValueError(f"vocabulary {path} is not a SentencePiece model ({' '.join(str(e).split())[:200]}); "
+                     "give the .model file written by `ul2lab vocab` or spm_train") from None
+  return seqio.SentencePieceVocabulary(path, extra_ids=vocab_lib.T5_EXTRA_IDS)
+
+
 @gin.configurable(module="ul2lab")
 def local_text_task(name: str = gin.REQUIRED,
                     file_patterns: Union[str, Sequence[str]] = gin.REQUIRED,
@@ -164,7 +179,7 @@ def local_text_task(name: str = gin.REQUIRED,
         max_sentences=vocab_lib.EMBEDDED_MAX_SENTENCES,
         corpus_version=f"{jsonl_field}:{txt_document_per_line}:{_files_version(train_files)}")
   elif isinstance(vocabulary, str):
-    vocabulary = seqio.SentencePieceVocabulary(vocabulary, extra_ids=vocab_lib.T5_EXTRA_IDS)
+    vocabulary = sentencepiece_file_vocabulary(vocabulary)
   return _register(name, seqio.FunctionDataSource(dataset_fn, splits=tuple(splits)),
                    vocabulary, ul2_preprocessors(denoisers=denoisers, **mixture_kwargs))
 

@@ -2,36 +2,24 @@
 
 The trainer's step is compiled for abstract T5.1.1-base-wide shapes (1 encoder + 1 decoder layer
 and an 8k vocabulary keep the compile short on 2 cores; every matrix keeps base's widths) and XLA's
-memory analysis of the executable says how many argument bytes one device holds. Compile only:
-nothing is allocated or trained. bench/fsdp_memory.py reports the full base/large/xl figures.
+memory analysis of the executable says how many argument bytes one device holds (ul2lab/memory.py).
+Compile only: nothing is allocated or trained. bench/fsdp_memory.py reports base/large/xl figures.
 """
-import importlib.util
-import os
-
 import jax
 import pytest
 from flax import linen as nn
 
+from ul2lab import memory
 from ul2lab.models import abstract_params, preset
-
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fsdp_memory.py")
-
-
-@pytest.fixture(scope="module")
-def fsdp_memory():
-    spec = importlib.util.spec_from_file_location("fsdp_memory", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
-def test_fsdp_state_per_device_is_an_eighth_of_replicated(fsdp_memory, optimizer):
+def test_fsdp_state_per_device_is_an_eighth_of_replicated(optimizer):
     assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
-    result = fsdp_memory.compiled_state_memory(
-        "t5_1_1_base", {"data": 1, "fsdp": -1, "model": 1}, "fsdp", optimizer=optimizer,
-        batch_size=8, inputs_length=16, targets_length=8,
-        num_encoder_layers=1, num_decoder_layers=1, vocab_size=8192)
+    config = preset("t5_1_1_base", num_encoder_layers=1, num_decoder_layers=1, vocab_size=8192)
+    result = memory.compiled_state_memory(
+        config, {"data": 1, "fsdp": -1, "model": 1}, "fsdp", optimizer=optimizer,
+        batch_size=8, inputs_length=16, targets_length=8)
     assert result["mesh"] == {"data": 1, "fsdp": 8, "model": 1}
     per_device, replicated = result["state_bytes_per_device"], result["state_bytes_total"]
     # the executable's own figure agrees with what the shardings say one device holds ...
@@ -42,7 +30,6 @@ def test_fsdp_state_per_device_is_an_eighth_of_replicated(fsdp_memory, optimizer
     assert per_device >= replicated / 8 * 0.99  # not trivially small: the state is really there
     # the measure includes the optimizer: AdamW adds two full-size moments per parameter,
     # Adafactor only factored statistics
-    config = preset("t5_1_1_base", num_encoder_layers=1, num_decoder_layers=1, vocab_size=8192)
     params_bytes = sum(leaf.size * leaf.dtype.itemsize
                        for leaf in jax.tree_util.tree_leaves(nn.meta.unbox(abstract_params(config))))
     moments = {"adamw": 2.0, "adafactor": 0.0}[optimizer]

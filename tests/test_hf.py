@@ -171,6 +171,16 @@ def test_import_export_roundtrip_through_cli(hf_dirs, tmp_path, case):
     reference = _hf_logits(_load_hf(source), encoder, decoder_inputs)
     np.testing.assert_array_equal(_hf_logits(_load_hf(out), encoder, decoder_inputs), reference)
 
+    # untied both ways: config.json says so (transformers 5.24's T5Config reads the flag as
+    # scale_decoder_outputs and then forces tie_word_embeddings=True, warning that it leaves the
+    # differing lm_head untied), transformers keeps a head of its own, and import reads it untied
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
+    exported_model = _load_hf(out)
+    if case == "gated_gelu_untied":  # (unequal_depth's head equals the embedding: sharing it is harmless)
+        assert exported_model.lm_head.weight.data_ptr() != exported_model.shared.weight.data_ptr()
+    np.testing.assert_array_equal(exported_model.lm_head.weight.detach().numpy(), exported["lm_head.weight"])
+    assert not hf.load(out)[0].logits_via_embedding
+
 
 def test_tied_model_exports_without_lm_head(hf_dirs, tmp_path):
     config, params = hf.load(hf_dirs["gated_silu_tied"])

@@ -221,7 +221,7 @@ def test_infer_bad_input_is_a_clear_error_and_keeps_files(checkpoint, tmp_path, 
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_eval_runs_a_seqio_task_with_the_models_predictions_and_scores(checkpoint, tmp_path):
+def test_eval_runs_a_seqio_task_with_the_models_predictions_and_scores(checkpoint, tmp_path, capsys):
     import seqio
     import tensorflow as tf
     root, config, params, vocab_path, lines = checkpoint
@@ -250,6 +250,16 @@ def test_eval_runs_a_seqio_task_with_the_models_predictions_and_scores(checkpoin
                          "--batch_size", "4", "--output_file", out]) == 0
         with open(out) as f:
             metrics = json.load(f)[name]
+        # the same eval as t5x users write it: gin/runs/eval.gin + macros, metrics into EVAL_OUTPUT_DIR
+        capsys.readouterr()
+        assert cli.main(["eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH={root / 'ckpt'}",
+                         f"--gin.MIXTURE_OR_TASK_NAME={name}", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+                         "--gin.BATCH_SIZE=4", "--gin.EvalConfig.max_decode_length=8",
+                         f"--gin.EVAL_OUTPUT_DIR={tmp_path / 'eval'}"]) == 0
+        with open(tmp_path / "eval" / "metrics.json") as f:
+            assert json.load(f) == {name: metrics}
+        printed = capsys.readouterr().out
+        assert f"{name}/mean_log_likelihood: {metrics['mean_log_likelihood']}" in printed
     finally:
         seqio.TaskRegistry.remove(name)
 
@@ -265,3 +275,59 @@ def test_eval_runs_a_seqio_task_with_the_models_predictions_and_scores(checkpoin
     assert metrics["mean_prediction_chars"] == pytest.approx(np.mean([len(p) for p in predictions]))
     assert metrics["mean_prediction_chars"] > 0
     assert metrics["mean_log_likelihood"] == pytest.approx(np.mean(scores), rel=1e-4)
+
+
+def test_infer_through_gin_files_equals_flags_and_flags_win(checkpoint, tmp_path):
+    root, config, params, vocab_path, lines = checkpoint
+    ckpt = str(root / "ckpt")
+    write_jsonl(tmp_path / "in.jsonl", [{"inputs": lines[i], "targets": lines[i + 10]} for i in range(3)])
+    flags = ["infer", "--checkpoint_dir", ckpt, "--input_file", str(tmp_path / "in.jsonl"), "--batch_size", "2",
+             "--max_decode_length", "8"]
+    gin = ["infer", "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_PATH={ckpt}",
+           f"--gin.INPUT_FILE={tmp_path / 'in.jsonl'}", "--gin.BATCH_SIZE=2", "--gin.MAX_DECODE_LENGTH=8"]
+    sampling = ["--temperature", "0.7", "--top_k", "5", "--top_p", "0.9", "--seed", "3"]
+    runs = {  # name: (flag run, gin run)
+        "greedy": (flags, gin),
+        "sampling": (flags + sampling,
+                     gin + ["--gin.TEMPERATURE=0.7", "--gin.TOP_K=5", "--gin.TOP_P=0.9", "--gin.InferConfig.seed=3"]),
+        # an explicit flag wins over the gin file's MODE; a flag also fills a %gin.REQUIRED macro
+        "score": (flags + ["--mode", "score"],
+                  gin + ["--gin.MODE='predict'", "--mode", "score", "--output_file", str(tmp_path / "gin_score.jsonl")]),
+    }
+    outputs = {}
+    for name, (by_flags, by_gin) in runs.items():
+        assert cli.main(by_flags + ["--output_file", str(tmp_path / f"flags_{name}.jsonl")]) == 0
+        if "--output_file" not in by_gin:
+            by_gin = by_gin + [f"--gin.OUTPUT_FILE={tmp_path / f'gin_{name}.jsonl'}"]
+        assert cli.main(by_gin) == 0
+        outputs[name] = read_jsonl(tmp_path / f"flags_{name}.jsonl")
+        assert read_jsonl(tmp_path / f"gin_{name}.jsonl") == outputs[name]
+    assert all("prediction" not in r and r["score"] < 0 for r in outputs["score"])
+    # the sampling settings reached the decoder: sampled predictions are not the greedy ones
+    assert [r["prediction"] for r in outputs["sampling"]] != [r["prediction"] for r in outputs["greedy"]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--gin_file=runs/eval.gin", "--gin.CHECKPOINT_PTH={ckpt}", "--gin.MIXTURE_OR_TASK_NAME=t"],
+     "gin: the macro CHECKPOINT_PTH is not used by any gin file; did you mean CHECKPOINT_PATH?"),
+    (["infer", "--gin_file=runs/infer.gin", "--gin.InferConfig.beam_sise=2", "--checkpoint_dir={ckpt}",
+      "--input_file=in.jsonl", "--output_file={out}"],
+     "gin: InferConfig has no parameter 'beam_sise'; did you mean beam_size"),
+    (["eval", "--gin_file=runs/eval.gin", "--gin.CHECKPOINT_PATH={ckpt}"],
+     "required settings MIXTURE_OR_TASK_NAME are not set; pass --gin.MIXTURE_OR_TASK_NAME=... or --mixture_or_task"),
+    (["infer", "--gin_file=runs/infer.gin", "--gin.CHECKPOINT_PATH={ckpt}", "--gin.INPUT_FILE=in.jsonl"],
+     "required settings OUTPUT_FILE are not set; pass --gin.OUTPUT_FILE=... or --output_file"),
+    (["infer", "--gin_file=runs/infer.gin", "--gin.CHECKPOINT_PATH={ckpt}", "--gin.INPUT_FILE=in.jsonl",
+      "--gin.OUTPUT_FILE={out}", "--gin.MODE='scores'"],
+     "--mode (InferConfig.mode) 'scores' is invalid; use predict or score"),
+    (["infer", "--checkpoint_dir={ckpt}", "--input_file=in.jsonl"],
+     "--output_file required: pass --output_file ..., or use a gin run file: --gin_file=gin/runs/infer.gin"),
+])
+def test_eval_and_infer_gin_mistakes_are_one_line_errors(checkpoint, tmp_path, capsys, argv, message):
+    root, *_ = checkpoint
+    out = tmp_path / "out.jsonl"
+    argv = [a.format(ckpt=root / "ckpt", out=out) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

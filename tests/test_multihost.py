@@ -136,6 +136,10 @@ def test_two_hosts_train_checkpoint_resume_match_one_host(tmp_path):
     steps = sorted(one_host)
     np.testing.assert_allclose([two_hosts[s] for s in steps], [one_host[s] for s in steps], rtol=2e-5)
     assert one_host[5] < one_host[1] - 0.5  # it learned: the same batch four steps later
+    # process 0 alone writes the run's files: one metrics line per logged step, not one per host
+    with open(model_dir / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == steps
+    assert sorted(p.name for p in model_dir.glob("config.json*")) == ["config.json"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def test_anneal_branches_into_a_new_directory_and_leaves_the_main_run_alone(stra
      f"'train_cli_test_copy_tsk' is not a registered seqio task or mixture; did you mean '{TASK}'?"),
     (["--gin.BATCH_SIZE=6", "--gin.TrainConfig.num_devices=8"],
      "BATCH_SIZE 6 (/1 microbatches = 6) is not divisible by the data-parallel size 8"),
+    (["--num_processes=2"], "multi-host flags --num_processes need --coordinator_address, --process_id too"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
+     "--process_id must be in 0 ... 1 (--num_processes 2), got 2"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, capsys, extra, message):
     model_dir = str(tmp_path / "run")

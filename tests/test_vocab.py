@@ -83,10 +83,12 @@ def test_cached_vocabulary_trains_once_and_keys_on_settings(ul2lab_cache_dir):
   ids = first.encode("the data frame")
   assert len(calls) == 1 and first.vocab_size == 450
   again = vocab.cached_vocabulary("test_cache", documents, vocab_size=350)
+  assert again == first and first == again  # one loaded, one not: the same vocabulary to seqio
   assert again.encode("the data frame") == ids and len(calls) == 1  # from the cache
   assert again.sentencepiece_model_file.startswith(ul2lab_cache_dir)
   other = vocab.cached_vocabulary("test_cache", documents, vocab_size=360)
   assert other.vocab_size == 460 and len(calls) == 2  # other settings, other cache entry
+  assert other != first
 
 
 def test_interrupted_training_leaves_no_broken_model(ul2lab_cache_dir, monkeypatch):

@@ -10,6 +10,8 @@ Readers need no gin: `read_config` + `load_params` rebuild the network.
 """
 import json
 import os
+import time
+import uuid
 from typing import Any, Optional, Tuple
 
 import jax
@@ -26,10 +28,15 @@ class CheckpointError(ValueError):
 
 
 def write_config(directory: str, config: T5Config, vocab_path: Optional[str] = None, **extra: Any):
-    """Write config.json atomically (temp file + rename), so a crash never leaves half a file."""
+    """Write config.json atomically (temp file + rename), so a crash never leaves half a file.
+
+    In a multi-host run only process 0 writes (every host holds the same config)."""
+    if jax.process_index() != 0:
+        return
     os.makedirs(directory, exist_ok=True)
     payload = {"model": config.to_dict(), "vocab_path": vocab_path, **extra}
-    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+    # a temp name of its own, so two writers into one directory never rename each other's half file
+    tmp = os.path.join(directory, f"{CONFIG_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(directory, CONFIG_FILE))
@@ -41,9 +48,21 @@ def read_config(directory: str) -> Tuple[T5Config, dict]:
     if not os.path.exists(path):
         raise CheckpointError(f"{directory} is not a ul2lab checkpoint directory: it has no {CONFIG_FILE} "
                               "(make one with `ul2lab import-hf` or `ul2lab train`)")
-    with open(path) as f:
-        payload = json.load(f)
-    return T5Config.from_dict(payload["model"]), payload
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+    except (ValueError, OSError) as e:  # truncated, not UTF-8, unreadable
+        raise CheckpointError(f"{path} cannot be read as JSON ({e}); restore it from a copy, or rerun "
+                              "`ul2lab import-hf` / `ul2lab train` into a new directory") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        hint = (" it looks like a Hugging Face config: convert that model with `ul2lab import-hf`, or"
+                if isinstance(payload, dict) and ("model_type" in payload or "architectures" in payload) else "")
+        raise CheckpointError(f"{path} is not a ul2lab config.json (it has no \"model\" object);{hint} "
+                              "point at a directory written by `ul2lab train` or `ul2lab import-hf`")
+    try:
+        return T5Config.from_dict(payload["model"]), payload
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} describes a model ul2lab cannot build: {e}") from None
 
 
 def has_checkpoint(directory: str) -> bool:
@@ -143,6 +162,41 @@ class RunCheckpoints:
         _check_shapes(restored["opt_state"], abstract_opt_state, what)
         return restored["params"], restored["opt_state"], dict(restored["run"])
 
+    def restore_latest_good(self, abstract_params: Any, abstract_opt_state: Any, log=print):
+        """(step, params, opt_state, run) of the newest step that restores, or None if there is none.
+
+        A newer step that cannot be read (truncated file, missing array, half-copied directory) is
+        reported with its path and renamed to `corrupt-<step>-<time>` (kept, never deleted), so
+        orbax neither picks it again nor refuses to save that step number later. If no step
+        restores, nothing is renamed and the newest step's error is raised: that is a run of
+        another model or optimizer, not corruption.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failed = []
+        for step in steps:
+            try:
+                return_value = (step, *self.restore(step, abstract_params, abstract_opt_state))
+            except Exception as e:  # noqa: BLE001  any unreadable step falls back to an older one
+                failed.append((step, e))
+                log(f"warning: checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
+                    f"({_one_line(e)}); trying the previous one", flush=True)
+                continue
+            for bad, _ in failed:
+                self._set_aside(bad, log)
+            return return_value
+        if failed:
+            raise failed[0][1]
+        return None
+
+    def _set_aside(self, step: int, log):
+        path = os.path.join(self.directory, str(step))
+        aside = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.rename(path, aside)
+        self.manager.reload()
+        log(f"warning: kept the unreadable checkpoint {path} as {aside} (not deleted; inspect or remove it "
+            "yourself)", flush=True)
+
     def wait(self):
         self.manager.wait_until_finished()
 
@@ -185,4 +239,12 @@ def latest_run_record(directory: str) -> Optional[dict]:
     with ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(create=False)) as manager:
         step = manager.latest_step()
-        return dict(manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
+        try:
+            return dict(manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"])
+        except Exception:  # noqa: BLE001  an unreadable latest step: the trainer falls back and reports it
+            return None
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")

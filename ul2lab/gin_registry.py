@@ -16,11 +16,11 @@ def register() -> Dict[str, Callable]:
     """Register everything (idempotent); returns {name: gin-wrapped callable}."""
     if _REGISTERED:
         return _REGISTERED
-    from ul2lab import optimizers, schedules, trainer
+    from ul2lab import infer_cli, optimizers, schedules, trainer
     from ul2lab.models import config
 
     for fn in (config.T5Config, config.preset,
-               trainer.TrainConfig,
+               trainer.TrainConfig, infer_cli.EvalConfig, infer_cli.InferConfig,
                schedules.constant_schedule, schedules.rsqrt_schedule, schedules.cosine_schedule,
                schedules.wsd_schedule, schedules.infinite_schedule,
                optimizers.make_optimizer):

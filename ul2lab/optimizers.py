@@ -4,7 +4,8 @@
                block RMS 1.0, step size multiplied by the parameter's RMS (at least 1e-3),
                epsilon1 1e-30, no momentum. optax.adafactor implements t5x's algorithm; these
                arguments select t5x's defaults, and 3-D attention kernels are factored as t5x's
-               logical factor rules do: rows = embed, columns = (heads, kv).
+               logical factor rules do: rows = embed, columns = (heads, kv). With scan_layers each
+               layer of the stacked params is its own tensor, as in t5x's unrolled layers.
     adamw      AdamW with decoupled weight decay; rms_scaling=True gives nanoT5's AdamWScale:
                each tensor's Adam step is multiplied by max(1e-3, RMS(param)), like Adafactor's
                parameter scale, which lets T5 train with AdamW at Adafactor-like rates (~2e-2).
@@ -13,7 +14,7 @@
 gradient norm before the optimizer sees the gradients.
 """
 import inspect
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import optax
@@ -30,11 +31,11 @@ def adafactor(learning_rate: LearningRate, decay_rate: float = 0.8, multiply_by_
     A matrix is factored when both its dimensions are >= min_dim_size_to_factor; an attention
     kernel when embed and heads * kv are (t5x factors those at any size: only tiny models differ).
     """
-    return _attention_kernels_as_matrices(optax.adafactor(
+    return _layer_by_layer(_attention_kernels_as_matrices(optax.adafactor(
         learning_rate=learning_rate, decay_rate=decay_rate,
         multiply_by_parameter_scale=multiply_by_parameter_scale, clipping_threshold=clipping_threshold,
         factored=factored, min_dim_size_to_factor=min_dim_size_to_factor, eps=epsilon1,
-        momentum=momentum, weight_decay_rate=weight_decay_rate))
+        momentum=momentum, weight_decay_rate=weight_decay_rate)))
 
 
 def _matrix_shape(path, shape) -> tuple:
@@ -61,6 +62,56 @@ def _attention_kernels_as_matrices(inner: optax.GradientTransformation) -> optax
     def update(updates, state, params=None):
         new, state = inner.update(views(updates), state, None if params is None else views(params))
         return jax.tree_util.tree_map(lambda u, g: u.reshape(g.shape), new, updates), state
+    return optax.GradientTransformation(init, update)
+
+
+_STACKS = ("encoder", "decoder")
+
+
+def _split_stacked(tree):
+    """(tree without scanned layers, {stack: {stack: {"layers": its scanned layers}}}) of a
+    params-shaped tree; the second is empty for unrolled params (or any other tree)."""
+    if not isinstance(tree, Mapping):
+        return tree, {}
+    stacked = {s: {s: {"layers": tree[s]["layers"]}} for s in _STACKS
+               if isinstance(tree.get(s), Mapping) and "layers" in tree[s]}
+    rest = dict(tree)
+    for s in stacked:
+        rest[s] = {k: v for k, v in tree[s].items() if k != "layers"}
+    return rest, stacked
+
+
+def _merge_stacked(rest, stacked):
+    out = dict(rest)
+    for s, tree in stacked.items():
+        out[s] = {**rest[s], "layers": tree[s]["layers"]}
+    return out
+
+
+def _layer_by_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` on each layer of scan_layers params (`encoder/layers`, `decoder/layers`, stacked
+    on a leading layers axis) as on its own tensor, by vmapping it over that axis: Adafactor's
+    factoring, update clipping and parameter scale are per tensor, and t5x's unrolled layers are
+    separate tensors. Unrolled params go straight to `inner` (the same state as without this).
+    The stacked states keep the params' paths, so the trainer shards them like their params."""
+    def init(params):
+        rest, stacked = _split_stacked(params)
+        if not stacked:
+            return inner.init(params)
+        return inner.init(rest), {s: jax.vmap(inner.init)(tree) for s, tree in stacked.items()}
+
+    def update(updates, state, params=None):
+        rest, stacked = _split_stacked(updates)
+        if not stacked:
+            return inner.update(updates, state, params)
+        params_rest, params_stacked = _split_stacked(params) if params is not None else (None, {})
+        rest_state, stacked_state = state
+        new_rest, rest_state = inner.update(rest, rest_state, params_rest)
+        new_stacked, new_stacked_state = {}, {}
+        for s, tree in stacked.items():
+            new_stacked[s], new_stacked_state[s] = jax.vmap(inner.update)(
+                tree, stacked_state[s], params_stacked.get(s))
+        return _merge_stacked(new_rest, new_stacked), (rest_state, new_stacked_state)
     return optax.GradientTransformation(init, update)
 
 

@@ -41,15 +41,20 @@ class RunLogger:
     """Writes each logged step to the console, metrics.jsonl and TensorBoard; `close` adds PNG + summary."""
 
     def __init__(self, model_dir: str, total_steps: int, start_step: int = 0, tensorboard: bool = True,
-                 stream=None):
+                 stream=None, write_files: Optional[bool] = None):
         self.model_dir, self.total_steps, self.start_step = model_dir, total_steps, start_step
         self.stream = stream or sys.stdout
+        if write_files is None:
+            # every host of a multi-host run logs the same global metrics: process 0 writes the files
+            import jax
+            write_files = jax.process_index() == 0
+        self.write_files = write_files
         os.makedirs(model_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
+        self.jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a") if write_files else None
         self.history: List[Dict[str, float]] = []
         self.start_time = time.time()
         self._first_log = None
-        self.writer = self._tensorboard_writer() if tensorboard else None
+        self.writer = self._tensorboard_writer() if tensorboard and write_files else None
 
     def _tensorboard_writer(self):
         try:
@@ -75,8 +80,9 @@ class RunLogger:
     def log(self, step: int, metrics: Dict[str, float]):
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items() if v is not None}}
         self.history.append(record)
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
         if self.writer is not None:
             self._write_scalars(record)
         # ETA from the pace since the first log (the time before it holds compilation)
@@ -90,11 +96,13 @@ class RunLogger:
 
     def close(self, final_step: int, checkpoint_step: Optional[int] = None) -> str:
         """Draw loss.png, print and return the run summary, close files."""
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
         png = os.path.join(self.model_dir, "loss.png")
-        points = [(r["step"], r["loss"]) for r in _whole_run(os.path.join(self.model_dir, "metrics.jsonl"))]
+        points = ([(r["step"], r["loss"]) for r in _whole_run(os.path.join(self.model_dir, "metrics.jsonl"))]
+                  if self.write_files else [])
         if len(points) >= 2:
             write_loss_png(png, points)
         summary = self.summary(final_step, checkpoint_step, png if len(points) >= 2 else None)

@@ -11,8 +11,10 @@ that seqio tasks use as `seqio.FunctionDataSource`:
 
 Documents are yielded in a fixed order, so a run is reproducible.
 """
+import collections
 import glob
 import json
+import logging
 import os
 import pickle
 import re
@@ -66,6 +68,23 @@ def expand_globs(patterns: Union[str, Sequence[str]]) -> list[str]:
   return files
 
 
+# what local_text_documents could not use as given, counted while the data is read (this process)
+SKIPPED_INPUT = collections.Counter()  # invalid_utf8_files, malformed_jsonl_lines
+
+
+def _read_utf8(f, path: str) -> str:
+  """A file's text; bytes that are not UTF-8 become U+FFFD (counted, logged) instead of ending the run."""
+  data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    SKIPPED_INPUT["invalid_utf8_files"] += 1
+    logging.warning("%s is not valid UTF-8 (%s at byte %d); its invalid bytes are read as U+FFFD",
+                    path, e.reason, e.start)
+    text = data.decode("utf-8", errors="replace")
+  return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads newlines
+
+
 def local_text_documents(patterns: Union[str, Sequence[str]], *, jsonl_field: str = "text",
                          txt_document_per_line: bool = False) -> Iterator[str]:
   """Yields documents from .txt / .jsonl files matching the glob patterns.
@@ -74,20 +93,29 @@ def local_text_documents(patterns: Union[str, Sequence[str]], *, jsonl_field: st
   a .jsonl file has one JSON object per line whose `jsonl_field` holds the text.
   """
   for path in expand_globs(patterns):
-    with open(path, encoding="utf-8") as f:
-      if path.endswith(".jsonl"):
-        for line_number, line in enumerate(f, 1):
-          if not line.strip():
-            continue
+    with open(path, "rb") as f:
+      text = _read_utf8(f, path)
+    if path.endswith(".jsonl"):
+      for line_number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+          continue
+        try:
           record = json.loads(line)
-          if jsonl_field not in record:
-            raise KeyError(f"{path}:{line_number} has no field {jsonl_field!r} (it has "
-                           f"{sorted(record)}); set jsonl_field to the field holding the text")
-          yield str(record[jsonl_field])
-      elif txt_document_per_line:
-        yield from (line.rstrip("\n") for line in f if line.strip())
-      else:
-        yield f.read()
+        except json.JSONDecodeError as e:
+          record = e
+        if not isinstance(record, dict):  # a half-written line, or not a JSON object
+          SKIPPED_INPUT["malformed_jsonl_lines"] += 1
+          logging.warning("skipping %s:%d: not a JSON object (%s)", path, line_number,
+                          record if isinstance(record, Exception) else type(record).__name__)
+          continue
+        if jsonl_field not in record:
+          raise KeyError(f"{path}:{line_number} has no field {jsonl_field!r} (it has "
+                         f"{sorted(record)}); set jsonl_field to the field holding the text")
+        yield str(record[jsonl_field])
+    elif txt_document_per_line:
+      yield from (line for line in text.split("\n") if line.strip())
+    else:
+      yield text
 
 
 def documents_dataset(documents_fn, feature_key: str = "targets"):

@@ -9,56 +9,20 @@ Every misspelled name fails before any work, with the closest registered names s
 """
 import argparse
 import dataclasses
-import difflib
-import logging
 import os
-import re
 import shutil
-import sys
 from typing import Sequence
 
+from ul2lab import gin_cli
 from ul2lab.cli import UserError
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 DEMO_GIN = "runs/demo_continual_tables_cpu.gin"
 
 
-class _GinArgumentParser(argparse.ArgumentParser):
-    """Collects `--gin.NAME=VALUE` arguments (which argparse cannot declare) into args.gin_bindings."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        gin_args = [a for a in args if a.startswith("--gin.")]
-        namespace, extras = super().parse_known_args([a for a in args if not a.startswith("--gin.")], namespace)
-        namespace.gin_bindings = [gin_binding(a) for a in gin_args]
-        return namespace, extras
-
-
-def gin_binding(arg: str) -> str:
-    """'--gin.NAME=VALUE' -> 'NAME = VALUE' (VALUE quoted when it is a bare word or path)."""
-    name, sep, value = arg[len("--gin."):].partition("=")
-    if not sep or not name:
-        raise UserError(f"{arg!r} is not a gin binding; write --gin.NAME=VALUE, e.g. --gin.TRAIN_STEPS=1000")
-    return f"{name} = {_gin_value(value)}"
-
-
-def _gin_value(value: str) -> str:
-    import ast
-    if value[:1] in ("@", "%", "[", "{", "(", "'", '"'):
-        return value
-    try:
-        ast.literal_eval(value)
-        return value
-    except (ValueError, SyntaxError):
-        return repr(value)
-
-
 def _add_gin_args(p):
-    p.add_argument("--gin_file", action="append", default=[],
-                   help="gin file (repeatable; later files override earlier ones); relative paths are "
-                        "looked up in the current folder, --gin_search_paths and the repository's gin/")
-    p.add_argument("--gin_search_paths", default="", help="comma-separated folders to look up gin files in")
-    p.epilog = "Gin bindings: --gin.NAME=VALUE (repeatable), e.g. --gin.MODEL_DIR=/tmp/run --gin.TRAIN_STEPS=100"
+    gin_cli.add_gin_arguments(p, "--gin.MODEL_DIR=/tmp/run --gin.TRAIN_STEPS=100")
+    p.epilog += (" Exit status: 0 done, 2 bad input or the run stopped itself (message says why), 143 "
+                 "preempted: SIGTERM saved the current step; requeue the same command to resume.")
 
 
 def add_parser(subparsers):
@@ -69,9 +33,11 @@ def add_parser(subparsers):
             ("demo", "the main job on CPU: continual UL2 pretraining of a tiny T5 on tables + text, "
                      "export to Hugging Face, a few predictions", run_demo)):
         p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.__class__ = _GinArgumentParser
         _add_gin_args(p)
         p.set_defaults(func=func)
+        if name in ("train", "anneal"):
+            from ul2lab import distributed
+            distributed.add_arguments(p)
         if name == "anneal":
             p.add_argument("--checkpoint_dir", required=True, help="MODEL_DIR of the main (constant-phase) run")
             p.add_argument("--output_dir", required=True, help="new directory for the annealed branch")
@@ -88,95 +54,16 @@ def add_parser(subparsers):
 
 def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str = ""):
     """Parse gin files + bindings and build the TrainConfig (a UserError for any mistake)."""
-    import gin
-    from ul2lab import gin_registry, trainer
+    from ul2lab import trainer
 
-    registered = gin_registry.register()
-    gin.clear_config()
-    paths = [os.getcwd(), GIN_DIR] + [p for p in search_paths.split(",") if p]
-    for path in paths:
-        gin.add_config_file_search_path(path)
-    for gin_file in gin_files:
-        if not any(os.path.exists(os.path.join(path, gin_file)) for path in paths):
-            raise UserError(f"gin file {gin_file!r} not found in {', '.join(paths)}; check the path "
-                            "(or add its folder with --gin_search_paths)")
-    if not gin_files:
-        raise UserError("no --gin_file given; start from a run file such as gin/runs/pretrain_ul2.gin")
-    logging.disable(logging.ERROR)  # gin logs an error for every search path a file is not in
-    try:
-        gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
-    except (ValueError, SyntaxError, IOError) as e:
-        raise UserError(_explain_gin_error(e)) from None
-    finally:
-        logging.disable(logging.NOTSET)
-    _check_macros_used(bindings, gin.config_str())
-    try:
-        config = registered["TrainConfig"]()
-    except TypeError as e:
-        unexpected = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
-        if unexpected:
-            owner, name = unexpected.groups()
-            close = difflib.get_close_matches(name, gin_registry.parameter_names(owner), n=3, cutoff=0.6)
-            raise UserError(f"gin: {owner} has no field {name!r}"
-                            + (f"; did you mean {' or '.join(close)}?" if close else "")) from None
-        undefined = re.search(r"In call to configurable 'macro' .* in scope '(\w+)'", str(e))
-        if undefined:
-            macro = undefined.group(1)
-            hint = " (a model gin file, e.g. --gin_file=gin/models/t5_1_1_small.gin)" if macro == "MODEL" else ""
-            raise UserError(f"gin: the macro {macro} is used but never set; set it{hint} or pass "
-                            f"--gin.{macro}=...") from None
-        missing = re.findall(r"arguments?: \[([^\]]*)\]", str(e))
-        names = missing[0] if missing else str(e).splitlines()[0]
-        raise UserError(f"the run has no value for TrainConfig {names}: include a run file "
-                        "(gin/runs/*.gin) and a model file (gin/models/*.gin), or bind them with --gin.") from None
-    except ValueError as e:
-        raise UserError(str(e).splitlines()[0]) from None
-    required = [f.name for f in dataclasses.fields(config) if getattr(config, f.name) is gin.REQUIRED]
-    if required:
-        flags = " ".join(f"--gin.{name.upper()}=..." for name in required)
-        raise UserError(f"required settings {', '.join(n.upper() for n in required)} are not set; "
-                        f"pass {flags} (or bind them in a gin file)")
+    config = gin_cli.load_config(
+        "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
+        missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
+                     "them with --gin.")
     if not isinstance(config.model, trainer.T5Config):
         raise UserError("TrainConfig.model is not a model config: include a model gin file, e.g. "
                         "--gin_file=gin/models/t5_1_1_small.gin")
     return config
-
-
-def _explain_gin_error(error: Exception) -> str:
-    from ul2lab import gin_registry
-
-    message = str(error)
-    first = message.splitlines()[0]
-    where = " ".join(line.strip() for line in message.splitlines()[1:3])
-    unknown = re.search(r"No configurable matching '([^']+)'", message)
-    if unknown:
-        name = unknown.group(1)
-        close = difflib.get_close_matches(name.split(".")[-1], gin_registry.configurable_names(), n=3, cutoff=0.6)
-        return f"gin: unknown name {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else
-                                                 f"; configurables: {', '.join(gin_registry.configurable_names())}") \
-            + (f" ({where})" if where else "")
-    param = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
-    if param:
-        configurable, name = param.groups()
-        known = gin_registry.parameter_names(configurable)
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        return (f"gin: {configurable} has no parameter {name!r}"
-                + (f"; did you mean {' or '.join(close)}?" if close else f"; its parameters: {', '.join(known)}")
-                + (f" ({where})" if where else ""))
-    return f"gin: {first}" + (f" ({where})" if where else "")
-
-
-def _check_macros_used(bindings: Sequence[str], config_str: str):
-    """A --gin.NAME=... macro that no gin file uses is almost always a typo (TRAIN_STEP for TRAIN_STEPS)."""
-    used = set(re.findall(r"%([A-Za-z_][\w.]*)", config_str))
-    for binding in bindings:
-        name = binding.split("=")[0].strip()
-        if "." in name or "/" in name or name in used:
-            continue
-        close = difflib.get_close_matches(name, sorted(used), n=3, cutoff=0.6)
-        raise UserError(f"gin: the macro {name} is not used by any gin file"
-                        + (f"; did you mean {' or '.join(close)}?" if close else
-                           f"; macros in use: {', '.join(sorted(used))}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +75,11 @@ def train_with_checks(config, note: str = "") -> dict:
     from ul2lab import checkpoints, trainer
 
     def write_gin():
+        import jax
+
         os.makedirs(config.model_dir, exist_ok=True)
+        if jax.process_index() != 0:
+            return  # every host runs this; one writes config.gin and prints the start line
         with open(os.path.join(config.model_dir, "config.gin"), "w") as f:
             f.write((note + "\n" if note else "") + gin.config_str())
         print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
@@ -196,18 +87,39 @@ def train_with_checks(config, note: str = "") -> dict:
 
     try:
         return trainer.train(config, on_checked=write_gin)
-    except (trainer.ConfigError, checkpoints.CheckpointError) as e:
+    except (trainer.ConfigError, checkpoints.CheckpointError, trainer.TrainingStopped) as e:
+        raise UserError(str(e)) from None
+
+
+def exit_code(result: dict) -> int:
+    """0 when the run reached TRAIN_STEPS; PREEMPTED_EXIT_CODE (143) when SIGTERM stopped it after saving."""
+    from ul2lab import trainer
+    return trainer.PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+
+
+def start_hosts(args):
+    """XLA flags and jax.distributed first: both must come before anything starts JAX's devices."""
+    from ul2lab import distributed, xla_flags
+
+    try:
+        xla_flags.apply()
+    except RuntimeError as e:  # JAX already started in this process (a notebook): the flags only tune speed
+        print(f"note: recommended XLA flags not applied: {e}", file=sys.stderr, flush=True)
+    try:
+        distributed.initialize_from_args(args)
+    except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def run_train(args) -> int:
+    start_hosts(args)
     config = load_train_config(args.gin_file, args.gin_bindings, args.gin_search_paths)
-    train_with_checks(config)
-    return 0
+    return exit_code(train_with_checks(config))
 
 
 def run_anneal(args) -> int:
     """Copy the main run's checkpoint at `step` into output_dir and train the anneal there."""
+    start_hosts(args)
     from ul2lab import checkpoints, schedules
 
     main, new = os.path.abspath(args.checkpoint_dir), os.path.abspath(args.output_dir)
@@ -238,13 +150,17 @@ def run_anneal(args) -> int:
         trainer.check(config)
     except trainer.ConfigError as e:
         raise UserError(str(e)) from None
+    import jax
+    from jax.experimental import multihost_utils
+
     os.makedirs(new, exist_ok=True)
-    shutil.copytree(os.path.join(main, str(step)), os.path.join(new, str(step)))
-    shutil.copy2(os.path.join(main, checkpoints.CONFIG_FILE), os.path.join(new, checkpoints.CONFIG_FILE))
+    if jax.process_index() == 0:  # one host copies; the others wait for it before restoring
+        shutil.copytree(os.path.join(main, str(step)), os.path.join(new, str(step)))
+        shutil.copy2(os.path.join(main, checkpoints.CONFIG_FILE), os.path.join(new, checkpoints.CONFIG_FILE))
+    multihost_utils.sync_global_devices("ul2lab anneal: branch checkpoint copied")
     note = (f"# anneal branch of {main} at step {step}: infinite_schedule.anneal_start={branch.anneal_start} "
             f"anneal_steps={branch.anneal_steps} end_value={branch.end_value} (set by `ul2lab anneal`)")
-    train_with_checks(config, note)
-    return 0
+    return exit_code(train_with_checks(config, note))
 
 
 def run_demo(args) -> int:
@@ -254,7 +170,9 @@ def run_demo(args) -> int:
     if args.train_steps:
         bindings.append(f"TRAIN_STEPS = {args.train_steps}")
     config = load_train_config([DEMO_GIN] + list(args.gin_file), bindings, args.gin_search_paths)
-    train_with_checks(config)
+    result = train_with_checks(config)
+    if result.get("preempted"):
+        return exit_code(result)
     hf_dir = os.path.join(config.model_dir, "hf")
     export_and_predict(config, hf_dir)
     print(f"demo done in {time.time() - started:.0f}s: checkpoint {config.model_dir}, Hugging Face model {hf_dir}")

@@ -33,6 +33,9 @@ class TrainState:
     params: Any              # unboxed parameter tree
     opt_state: Any
     rng: jax.Array           # raw uint32 key data; dropout key of step s is fold_in(rng, s)
+    # consecutive steps whose loss or gradients were non-finite (their updates were skipped); the
+    # host reads it only when it logs or saves, so there is no device->host sync per step
+    nonfinite_streak: jax.Array = None
 
 
 def init_state(config: T5Config, optimizer: optax.GradientTransformation, seed: int,
@@ -42,7 +45,8 @@ def init_state(config: T5Config, optimizer: optax.GradientTransformation, seed: 
     if params is None:
         params = network.init_params(config, params_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=dropout_rng)
+                      opt_state=optimizer.init(params), rng=dropout_rng,
+                      nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
 def make_loss_fn(model: nn.Module, z_loss: float, label_smoothing: float):
@@ -95,8 +99,14 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     learning_rate: Callable[[jax.Array], jax.Array], *,
                     num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
                     loss_normalizing_factor: loss_lib.LossNormalizingFactor = "NUM_REAL_TARGET_TOKENS",
-                    use_dropout: Optional[bool] = None):
-    """train_step(state, batch) -> (state, metrics), not yet jitted (see `jit_train_step`)."""
+                    use_dropout: Optional[bool] = None, max_consecutive_nonfinite: Optional[int] = None):
+    """train_step(state, batch) -> (state, metrics), not yet jitted (see `jit_train_step`).
+
+    A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged
+    (metrics["skipped_updates"] = 1) but still advances the step and the data. Once
+    `max_consecutive_nonfinite` such steps come in a row, every later step is skipped too, so the
+    state stays the last good one until the host notices (state.nonfinite_streak) and stops.
+    """
     loss_fn = make_loss_fn(model, z_loss, label_smoothing)
     use_dropout = model.config.dropout_rate > 0 if use_dropout is None else use_dropout
 
@@ -107,12 +117,26 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
         sums, grads = loss_and_grads(loss_fn, state.params, batch, factor, dropout_rng, num_microbatches)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # a finite gradient can still give a non-finite update (a NaN learning rate, an optimizer's 0/0)
+        apply = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        streak = state.nonfinite_streak
+        if streak is None:  # a state made before the field existed
+            streak = jnp.zeros((), jnp.int32)
+        if max_consecutive_nonfinite is not None:
+            apply &= streak < max_consecutive_nonfinite
+        # select, not lax.cond: the update is computed anyway, and where keeps buffers donated in place
+        params, opt_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(apply, new, old), (params, opt_state), (state.params, state.opt_state))
+        streak = jnp.where(apply, 0, streak + 1).astype(jnp.int32)
         metrics = {"loss": sums["loss"], "z_loss": sums["z_loss"],
                    "accuracy": sums["correct"] / jnp.maximum(sums["weights"], 1.0),
                    "target_tokens": sums["weights"],
-                   "grad_norm": optax.tree.norm(grads),
+                   "grad_norm": grad_norm,
+                   "skipped_updates": 1.0 - apply.astype(jnp.float32),
                    "learning_rate": learning_rate(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             nonfinite_streak=streak), metrics
 
     return train_step
 
@@ -121,6 +145,15 @@ def jit_train_step(train_step, state_shardings, batch_shardings):
     """The step jitted with explicit shardings; the old state is donated (its buffers reused)."""
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def build_train_step(model_config: T5Config, optimizer: optax.GradientTransformation,
+                     learning_rate: Callable[[jax.Array], jax.Array], state_shardings, batch_shardings,
+                     **loss_options):
+    """The trainer's jitted step for a model config: `make_train_step` (loss_options are its
+    keyword arguments: num_microbatches, z_loss, ...) jitted by `jit_train_step`."""
+    return jit_train_step(make_train_step(network.Transformer(model_config), optimizer, learning_rate,
+                                          **loss_options), state_shardings, batch_shardings)
 
 
 def make_eval_step(model: nn.Module, loss_normalizing_factor: loss_lib.LossNormalizingFactor = "NUM_REAL_TARGET_TOKENS"):

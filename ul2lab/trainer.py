@@ -6,8 +6,15 @@
 Exact resumption: the data pipeline is a deterministic seqio dataset (fixed seed), and the
 checkpoint records how many batches were drawn from which mixture; a resumed run skips that
 many batches, so it sees the same batches and reproduces the uninterrupted run's losses.
+
+Reliability: SIGTERM (preemption) saves the current step and `train` returns with
+result["preempted"] (the CLI then exits PREEMPTED_EXIT_CODE, for the scheduler to requeue); an
+unreadable latest checkpoint is reported and the previous one used; a step with a non-finite loss
+or gradient is skipped, and `max_consecutive_nonfinite` of them in a row stop the run with the last
+good state saved; a checkpoint that cannot be written stops the run with the previous one intact.
 """
 import dataclasses
+import os
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -52,10 +59,23 @@ class TrainConfig:
     logical_axis_rules: str = "standard"        # "standard" | "fsdp"
     peak_flops_per_device: Optional[float] = None  # for MFU; default: flops.py's table for the device
     tensorboard: bool = True
+    # a step with a non-finite loss or gradient norm is skipped (metrics "skipped_updates"); this many
+    # in a row stop the run with the last good state saved (None: skip them and never stop)
+    max_consecutive_nonfinite: Optional[int] = 20
+
+
+# exit status of a run stopped by SIGTERM after saving its step: 128 + SIGTERM, what a shell reports for
+# a process ended by SIGTERM, so schedulers and launch scripts treat it as "preempted, requeue me"
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class ConfigError(ValueError):
     """The run's settings or data cannot work; raised before anything is written to MODEL_DIR."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (non-finite losses, a checkpoint that cannot be written); the message
+    says at which step, what was saved, and what to do."""
 
 
 def train(config: TrainConfig, batches: Optional[Callable[[int], Iterator[dict]]] = None,
@@ -85,25 +105,28 @@ def train(config: TrainConfig, batches: Optional[Callable[[int], Iterator[dict]]
 
     schedule = config.learning_rate or schedules.rsqrt_schedule()
     optimizer = (config.optimizer or default_optimizer)(learning_rate=schedule)
-    state_shardings, abstract_state = state_layout(config, optimizer, mesh, rules)
+    state_shardings, abstract_state = state_layout(config.model, config.seed, optimizer, mesh, rules)
     batch_shardings = NamedSharding(mesh, partitioning.batch_partition_spec(2, rules))
 
     # ---- state: resume this run, or start (from INITIAL_CHECKPOINT_PATH's params, or random)
     ckpt = checkpoints.RunCheckpoints(config.model_dir, config.keep_checkpoints, config.keep_period,
                                       config.async_checkpoints)
-    state = restore_or_init(config, ckpt, optimizer, abstract_state, state_shardings)
+    state, restored_run = restore_or_init(config, ckpt, optimizer, abstract_state, state_shardings)
+    if restored_run is not None:  # the step restored may be older than the latest (unreadable) one
+        restored_batches = (restored_run.get("data_batches", 0)
+                            if restored_run.get("mixture_or_task_name") == config.mixture_or_task_name else 0)
+        if restored_batches != data_batches:
+            data_batches, data = restored_batches, batches(restored_batches)
     checkpoints.write_config(config.model_dir, config.model, vocab_path,
                              mixture_or_task_name=config.mixture_or_task_name,
                              task_feature_lengths=dict(config.task_feature_lengths))
     start_step = int(state.step)
 
-    step_fn = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(
-            network.Transformer(config.model), optimizer, schedule,
-            num_microbatches=config.num_microbatches, z_loss=config.z_loss,
-            label_smoothing=config.label_smoothing,
-            loss_normalizing_factor=config.loss_normalizing_factor),
-        state_shardings, batch_shardings)
+    step_fn = train_step_lib.build_train_step(
+        config.model, optimizer, schedule, state_shardings, batch_shardings,
+        num_microbatches=config.num_microbatches, z_loss=config.z_loss, label_smoothing=config.label_smoothing,
+        loss_normalizing_factor=config.loss_normalizing_factor,
+        max_consecutive_nonfinite=config.max_consecutive_nonfinite)
     lengths = config.task_feature_lengths
     tokens_per_step = config.batch_size * (lengths["inputs"] + lengths["targets"])
     step_flops = flops.train_flops_per_step(config.model, config.batch_size, lengths["inputs"],
@@ -114,43 +137,96 @@ def train(config: TrainConfig, batches: Optional[Callable[[int], Iterator[dict]]
     stop = _StopOnSigterm()
     saved_step = ckpt.latest_step()
     last_time, last_step = None, start_step
+    stopped = None
     period_sums, period_steps = None, 0  # metrics are averaged over each log period, as t5x does
-    with partitioning.axis_rules(mesh, rules):
-        for step in range(start_step, config.train_steps):
-            batch = partitioning.host_batch_to_global(next(data), mesh, rules)
-            state, metrics = step_fn(state, batch)
-            data_batches += 1
-            period_sums = metrics if period_sums is None else jax.tree_util.tree_map(jnp.add, period_sums, metrics)
-            period_steps += 1
-            done = step + 1
-            if last_time is None:  # the first step compiles: time from its end on
-                jax.block_until_ready(state.step)
-                last_time, last_step = time.time(), done
-            if done % config.log_period == 0 or done == config.train_steps or stop.requested:
-                learning_rate = float(metrics["learning_rate"])  # this step's, not the period's mean
-                metrics = {k: float(v) / period_steps for k, v in jax.device_get(period_sums).items()}
-                metrics["learning_rate"] = learning_rate
-                period_sums, period_steps = None, 0
-                now = time.time()
-                if done > last_step:
-                    seconds_per_step = (now - last_time) / (done - last_step)
-                    metrics["tokens_per_s"] = tokens_per_step / seconds_per_step
-                    metrics["mfu"] = flops.mfu(step_flops, seconds_per_step, mesh.size, peak)
-                last_time, last_step = now, done
-                logger.log(done, metrics)
-            if done % config.checkpoint_period == 0 or done == config.train_steps or stop.requested:
-                ckpt.save(done, state.params, state.opt_state, run_record(state, config, data_batches))
-                saved_step = done
-            if stop.requested:
-                print(f"SIGTERM: saved step {done} to {config.model_dir}; rerun the same command to resume",
-                      flush=True)
-                break
-    ckpt.wait()
-    ckpt.close()
-    stop.restore()
+    try:  # whatever stops the loop, pending saves finish and the SIGTERM handler is given back
+        with partitioning.axis_rules(mesh, rules):
+            for step in range(start_step, config.train_steps):
+                batch = partitioning.host_batch_to_global(next(data), mesh, rules)
+                state, metrics = step_fn(state, batch)
+                data_batches += 1
+                period_sums = metrics if period_sums is None else jax.tree_util.tree_map(jnp.add, period_sums, metrics)
+                period_steps += 1
+                done = step + 1
+                if last_time is None:  # the first step compiles: time from its end on
+                    jax.block_until_ready(state.step)
+                    last_time, last_step = time.time(), done
+                if done % config.log_period == 0 or done == config.train_steps or stop.requested:
+                    learning_rate = float(metrics["learning_rate"])  # this step's, not the period's mean
+                    # means over the period, but skipped_updates is a count
+                    metrics = {k: float(v) / (1 if k == "skipped_updates" else period_steps)
+                               for k, v in jax.device_get(period_sums).items()}
+                    metrics["learning_rate"] = learning_rate
+                    period_sums, period_steps = None, 0
+                    now = time.time()
+                    if done > last_step:
+                        seconds_per_step = (now - last_time) / (done - last_step)
+                        metrics["tokens_per_s"] = tokens_per_step / seconds_per_step
+                        metrics["mfu"] = flops.mfu(step_flops, seconds_per_step, mesh.size, peak)
+                    last_time, last_step = now, done
+                    logger.log(done, metrics)
+                periodic = done % config.checkpoint_period == 0 or done % config.log_period == 0
+                if (periodic or done == config.train_steps) and config.max_consecutive_nonfinite is not None:
+                    streak = int(state.nonfinite_streak)  # synced here only, where the host waits anyway
+                    if streak >= config.max_consecutive_nonfinite:
+                        stopped = nonfinite_message(config, done, streak)
+                if done % config.checkpoint_period == 0 or done == config.train_steps or stop.requested or stopped:
+                    save(ckpt, done, state, run_record(state, config, data_batches), saved_step)
+                    saved_step = done
+                if stopped:
+                    break
+                if stop.requested:
+                    print(f"SIGTERM: saved step {done} to {config.model_dir}; rerun the same command to resume",
+                          flush=True)
+                    break
+        wait(ckpt, saved_step)
+    finally:
+        ckpt.close()
+        stop.restore()
     final_step = int(state.step)
     summary = logger.close(final_step, saved_step)
-    return {"step": final_step, "history": logger.history, "summary": summary, "num_devices": mesh.size}
+    if stopped:
+        print(stopped, flush=True)
+        raise TrainingStopped(stopped)
+    return {"step": final_step, "history": logger.history, "summary": summary, "num_devices": mesh.size,
+            "preempted": stop.requested and final_step < config.train_steps}
+
+
+def nonfinite_message(config: TrainConfig, step: int, streak: int) -> str:
+    first_bad = step - streak + 1
+    return (f"training stopped at step {step}: the loss or gradients were non-finite (NaN/inf) at every step "
+            f"since step {first_bad} ({streak} in a row, TrainConfig.max_consecutive_nonfinite="
+            f"{config.max_consecutive_nonfinite}); their updates were skipped, so checkpoint {step} in "
+            f"{config.model_dir} holds the last good state, that of step {first_bad - 1}. Look at the data "
+            "near that step, lower the learning rate, or rerun the same command to continue past it")
+
+
+def save(ckpt, step: int, state, run: dict, previous: Optional[int]):
+    """Start saving `step`; a write that fails (disk full, read-only MODEL_DIR) stops the run with a
+    plain error, leaving the in-memory state and the previous checkpoint as they were."""
+    try:
+        ckpt.save(step, state.params, state.opt_state, run)
+    except Exception as e:  # noqa: BLE001  orbax wraps OS errors of its writer threads
+        raise _write_error(ckpt.directory, step, previous, e) from e
+
+
+def wait(ckpt, step: Optional[int]):
+    try:
+        ckpt.wait()
+    except Exception as e:  # noqa: BLE001
+        raise _write_error(ckpt.directory, step, None, e) from e
+
+
+def _write_error(directory: str, step, previous: Optional[int], error: Exception) -> TrainingStopped:
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    reason = (os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno
+              else checkpoints._one_line(error))
+    kept = f"checkpoint {previous} there is intact" if previous is not None else "earlier checkpoints are untouched"
+    return TrainingStopped(
+        f"could not write checkpoint {step} to {directory} ({reason}); {kept}. Free disk space or make "
+        "MODEL_DIR writable, then rerun the same command to resume from the last complete checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,12 +251,28 @@ def check(config: TrainConfig, with_task: bool = True):
 def check_config(config: TrainConfig):
     if not config.model_dir:
         raise ValueError("MODEL_DIR is not set: bind MODEL_DIR (or TrainConfig.model_dir) to the run's directory")
+    check_model_dir(config.model_dir)
     if not config.mixture_or_task_name:
         raise ValueError("no task: set MIXTURE_OR_TASK_NAME to a registered seqio task or mixture")
+    if not isinstance(config.task_feature_lengths, Mapping):
+        raise ValueError(f"TASK_FEATURE_LENGTHS {config.task_feature_lengths!r} is not a dict; write e.g. "
+                         "{'inputs': 512, 'targets': 114}")
     for key in ("inputs", "targets"):
         if key not in config.task_feature_lengths:
             raise ValueError(f"TASK_FEATURE_LENGTHS {dict(config.task_feature_lengths)} has no {key!r} "
                              "length; write e.g. {'inputs': 512, 'targets': 114}")
+        length = config.task_feature_lengths[key]
+        if not _is_int(length) or length <= 0:
+            raise ValueError(f"TASK_FEATURE_LENGTHS[{key!r}] is {length!r}; lengths must be positive whole "
+                             "numbers of tokens, e.g. {'inputs': 512, 'targets': 114}")
+    for name, value in (("TRAIN_STEPS", config.train_steps), ("BATCH_SIZE", config.batch_size),
+                        ("TrainConfig.num_microbatches", config.num_microbatches),
+                        ("TrainConfig.log_period", config.log_period),
+                        ("TrainConfig.checkpoint_period", config.checkpoint_period)):
+        if not _is_int(value):
+            raise ValueError(f"{name} is {value!r} ({type(value).__name__}); it must be a whole number")
+    if config.num_microbatches <= 0:
+        raise ValueError(f"TrainConfig.num_microbatches ({config.num_microbatches}) must be positive")
     if config.train_steps <= 0 or config.batch_size <= 0:
         raise ValueError(f"TRAIN_STEPS ({config.train_steps}) and BATCH_SIZE ({config.batch_size}) must be positive")
     if config.batch_size % config.num_microbatches:
@@ -188,6 +280,29 @@ def check_config(config: TrainConfig):
                          f"{config.num_microbatches}; pick a batch size that is a multiple of it")
     if config.log_period <= 0 or config.checkpoint_period <= 0:
         raise ValueError("TrainConfig.log_period and checkpoint_period must be positive")
+    if config.max_consecutive_nonfinite is not None and (not _is_int(config.max_consecutive_nonfinite)
+                                                         or config.max_consecutive_nonfinite <= 0):
+        raise ValueError(f"TrainConfig.max_consecutive_nonfinite ({config.max_consecutive_nonfinite}) must be "
+                         "positive, or None to skip non-finite steps without ever stopping")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_model_dir(model_dir: str):
+    """MODEL_DIR must be a directory that exists or can be made (checked without writing anything)."""
+    if "://" in model_dir:  # gs:// and other remote paths: orbax reports problems with them itself
+        return
+    path = os.path.abspath(model_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"MODEL_DIR {model_dir} cannot be created: {existing} is a file; choose another MODEL_DIR")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"MODEL_DIR {model_dir} is not writable ({existing} does not allow writing); "
+                         "choose a writable MODEL_DIR or fix its permissions")
 
 
 def logical_axis_rules(name: str):
@@ -225,11 +340,6 @@ def check_task(config: TrainConfig) -> Optional[str]:
                          + (f"; did you mean {' or '.join(map(repr, close))}?" if close else
                             f"; registered: {', '.join(known[:20])}"))
     mixture_or_task = seqio.get_mixture_or_task(name)
-    # build every lazily-trained vocabulary now: seqio compares the tasks' vocabularies when the
-    # mixture's dataset is made, and one built and one not yet built would compare unequal
-    for task in getattr(mixture_or_task, "tasks", [mixture_or_task]):
-        for feature in task.output_features.values():
-            _ = feature.vocabulary.vocab_size
     vocabulary = mixture_or_task.output_features["targets"].vocabulary
     if vocabulary.vocab_size > config.model.vocab_size:
         raise ValueError(f"the vocabulary of {name!r} has {vocabulary.vocab_size} ids but the model's vocab_size "
@@ -244,16 +354,16 @@ def default_optimizer(learning_rate):
     return optimizers.make_optimizer("adafactor", learning_rate)
 
 
-def state_layout(config: TrainConfig, optimizer, mesh, rules):
+def state_layout(model_config: T5Config, seed: int, optimizer, mesh, rules):
     """(shardings of the TrainState, abstract TrainState with those shardings) without allocating it."""
-    boxed = network.abstract_params(config.model)
+    boxed = network.abstract_params(model_config)
     params_shardings = partitioning.params_shardings(boxed, mesh, rules)
-    abstract = jax.eval_shape(lambda: train_step_lib.init_state(config.model, optimizer, config.seed))
+    abstract = jax.eval_shape(lambda: train_step_lib.init_state(model_config, optimizer, seed))
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = train_step_lib.TrainState(
         step=replicated, params=params_shardings,
         opt_state=opt_state_shardings(abstract.opt_state, abstract.params, params_shardings, replicated),
-        rng=replicated)
+        rng=replicated, nonfinite_streak=replicated)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return shardings, abstract
@@ -278,22 +388,29 @@ def opt_state_shardings(opt_state, params, params_shardings, replicated):
 
 
 def restore_or_init(config: TrainConfig, ckpt, optimizer, abstract_state, state_shardings):
-    step = ckpt.latest_step()
-    if step is not None:
-        params, opt_state, run = ckpt.restore(step, abstract_state.params, abstract_state.opt_state)
+    """(state, run record of the restored step or None): the newest readable step, else a new state."""
+    restored = ckpt.restore_latest_good(abstract_state.params, abstract_state.opt_state)
+    if restored is not None:
+        step, params, opt_state, run = restored
         state = train_step_lib.TrainState(
             step=jnp.asarray(run["step"], jnp.int32), params=params, opt_state=opt_state,
-            rng=jax.device_put(np.asarray(run["rng"], np.uint32), state_shardings.rng))
+            rng=jax.device_put(np.asarray(run["rng"], np.uint32), state_shardings.rng),
+            nonfinite_streak=jax.device_put(np.zeros((), np.int32), state_shardings.nonfinite_streak))
         print(f"resuming {config.model_dir} at step {step}", flush=True)
-        return state
+        return state, run
     init = jax.jit(lambda params: train_step_lib.init_state(config.model, optimizer, config.seed, params),
                    out_shardings=state_shardings)
     if config.initial_checkpoint_path:
         params, from_step = checkpoints.restore_params(config.initial_checkpoint_path, abstract_state.params)
         print(f"starting from the parameters of {config.initial_checkpoint_path} (step {from_step})", flush=True)
-        return init(params)
-    return jax.jit(lambda: train_step_lib.init_state(config.model, optimizer, config.seed),
-                   out_shardings=state_shardings)()
+        return init(params), None
+    return new_state_fn(config.model, config.seed, optimizer, state_shardings)(), None
+
+
+def new_state_fn(model_config: T5Config, seed: int, optimizer, state_shardings):
+    """Jitted () -> a fresh TrainState (random params from `seed`), laid out by state_shardings."""
+    return jax.jit(lambda: train_step_lib.init_state(model_config, optimizer, seed),
+                   out_shardings=state_shardings)
 
 
 def run_record(state, config: TrainConfig, data_batches: int) -> dict:

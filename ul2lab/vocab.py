@@ -13,6 +13,7 @@ Public API
 
 `ul2lab vocab --input FILES --vocab_size N --output_prefix P` trains from .txt / .jsonl files.
 """
+import functools
 import hashlib
 import io
 import json
@@ -130,6 +131,7 @@ def cached_model_path(name: str, documents_fn: Callable[[], Iterable[str]], *,
   return path
 
 
+@functools.lru_cache(maxsize=None)  # one class, so isinstance and == hold across calls
 def _seqio_vocabulary_class():
   import seqio  # pylint: disable=g-import-not-at-top
 
@@ -155,6 +157,18 @@ def _seqio_vocabulary_class():
     def sentencepiece_model_file(self) -> str:
       self._model_context()
       return self._sentencepiece_model_file
+
+    def __eq__(self, other):
+      # seqio compares whole states, whose model path is "" until first use; the training
+      # settings name the model, so a loaded and a not-yet-loaded copy are the same vocabulary
+      if isinstance(other, TrainedOnFirstUseVocabulary):
+        return self._settings() == other._settings()
+      return super().__eq__(other)
+
+    def _settings(self):
+      state = self.__getstate__()
+      del state["_sentencepiece_model_file"]
+      return state
 
     def __str__(self):
       args = self._train_args

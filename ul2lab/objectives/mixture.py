@@ -194,6 +194,11 @@ def plan_denoisers(denoisers: DenoisersArg, sequence_length: Mapping[str, int], 
         f"{max(p.targets_length for p in too_long)} or drop those denoisers")
   extra_ids = getattr(vocabulary, "extra_ids", None)
   for plan in plans:
+    if extra_ids == 0 and plan.max_sentinels > 0:  # every sentinel would be an ordinary piece
+      raise ValueError(
+          f"denoiser {plan.denoiser} marks spans with sentinel ids but the vocabulary {vocabulary} "
+          "has no extra ids; give it extra ids (T5 uses 100: seqio.SentencePieceVocabulary(path, "
+          "extra_ids=100))")
     if extra_ids is not None and plan.max_sentinels > extra_ids:
       logging.warning(
           "denoiser %s uses up to %d sentinels but the vocabulary has %d extra ids; the "
