@@ -52,3 +52,23 @@ def tiny_vocabulary(ul2lab_cache_dir):
     return seqio.SentencePieceVocabulary(path, extra_ids=100)
 
 
+
+
+# words of table-like text (numbers, non-ASCII, separators) for the table tests' vocabulary
+TABLE_WORDS = ("year title team city rank gold silver total nation points club season name date notes "
+               "won lost draw café Zürich 東京 1969 2004 12,467 – | ; : col row the of and NLU NLG [ ]").split()
+
+
+@pytest.fixture(scope="session")
+def table_vocabulary(tmp_path_factory):
+    """A 400-piece SentencePiece vocabulary (+100 extra ids) over table-like word salad."""
+    import random
+
+    import seqio
+    from ul2lab import vocab
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(TABLE_WORDS) for _ in range(12)) + f" {rng.randint(0, 3000)}"
+            for _ in range(2000)]
+    path = vocab.train_sentencepiece(docs, 400, str(tmp_path_factory.mktemp("table_vocab") / "sp"),
+                                     num_threads=1)
+    return seqio.SentencePieceVocabulary(path, extra_ids=100)

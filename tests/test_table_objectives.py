@@ -11,21 +11,16 @@ from ul2lab import linearize as lin
 from ul2lab import objectives
 from ul2lab import table_objectives
 from ul2lab import tables
-from ul2lab import vocab
 
-WORDS = ("year title team city rank gold silver total nation points club season name date notes "
-         "won lost draw café Zürich 東京 1969 2004 12,467 – | ; : col row NLU NLG [ ]").split()
-LENGTHS = {"inputs": 160, "targets": 96}
+from conftest import TABLE_WORDS as WORDS
 
 
 @pytest.fixture(scope="module")
-def vocabulary(tmp_path_factory):
-  rng = random.Random(0)
-  docs = [" ".join(rng.choice(WORDS) for _ in range(12)) + f" {rng.randint(0, 3000)}"
-          for _ in range(2000)]
-  path = vocab.train_sentencepiece(docs, 400, str(tmp_path_factory.mktemp("vocab") / "sp"),
-                                   num_threads=1)
-  return seqio.SentencePieceVocabulary(path, extra_ids=100)
+def vocabulary(table_vocabulary):
+  return table_vocabulary
+LENGTHS = {"inputs": 160, "targets": 96}
+
+
 
 
 def random_tables(n, seed=0):
