@@ -7,6 +7,7 @@ so they must keep heavy imports (tensorflow, seqio, torch) inside functions.
 """
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand modules, in the order `ul2lab --help` lists them
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # TensorFlow (the data pipeline) logs its C++ start-up chatter unless told otherwise
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

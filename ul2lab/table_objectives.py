@@ -44,6 +44,7 @@ LinearizeConfig = gin.external_configurable(lin.LinearizeConfig, module="ul2lab"
 
 # Tables skipped by `linearize_tables` (header alone over budget, unreadable JSON), process-wide.
 SKIPPED = collections.Counter()
+_WARNED_OVER_BUDGET = set()  # (table source, token budget) already reported in this process
 
 
 def unit_ids(linearized: lin.Linearized) -> dict[str, np.ndarray]:
@@ -94,8 +95,11 @@ def linearize_tables(dataset: tf.data.Dataset, sequence_length: Mapping[str, int
       result = lin.linearize(table, vocabulary, budget, config=config)
       if not result.fits:
         SKIPPED["header_over_budget"] += 1
-        logging.warning("Skipping table %s: its header alone needs more than %d tokens",
-                        table.source, budget)
+        # every epoch, and every task over the same tables, meets them again: say it once
+        if (table.source, budget) not in _WARNED_OVER_BUDGET:
+          _WARNED_OVER_BUDGET.add((table.source, budget))
+          logging.warning("Skipping table %s: its header alone needs more than %d tokens",
+                          table.source, budget)
     if table is None or not result.fits:
       empty = np.zeros([0], np.int32)
       return empty, empty, empty, empty, b"", False, False
