@@ -22,6 +22,10 @@ import tempfile
 
 import yaml
 
+# what `ul2lab train` exits with when it saved a checkpoint on SIGTERM (128 + SIGTERM);
+# ul2lab.trainer.PREEMPTED_EXIT_CODE, not imported here so the launcher needs no jax
+PREEMPTED_EXIT_CODE = 143
+
 
 def train_command(train_args, workdir=None):
     """The shell line every host runs."""
@@ -67,8 +71,14 @@ def slurm_script(args, train_args):
         "set -euo pipefail",
         f"# {tasks} processes in all, one per GPU; jax.distributed reads SLURM's environment",
         "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
+        # `ul2lab train` exits 143 after saving on SIGTERM (preemption or the time limit); SLURM
+        # does not requeue a job that exits on its own, so ask for it
+        "set +e",
         f"srun --ntasks={tasks} --ntasks-per-node={args.gpus_per_node} --gpus-per-task=1 "
         f"bash -c {shlex.quote(train_command(train_args, args.workdir))}",
+        "rc=$?",
+        f'if [ "$rc" -eq {PREEMPTED_EXIT_CODE} ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+        'exit "$rc"',
     ]
     return "\n".join(lines) + "\n"
 
