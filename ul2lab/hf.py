@@ -234,7 +234,7 @@ class _WeightReader:
     def _names_in(self, path: str) -> List[str]:
         try:
             if path.endswith(".safetensors"):
-                from safetensors import safe_open
+                safe_open = _hf_package("safetensors").safe_open
                 with safe_open(path, framework="np") as f:
                     return list(f.keys())
             return list(self._torch_file(path))
@@ -256,7 +256,7 @@ class _WeightReader:
         path = self.files[name]
         if not path.endswith(".safetensors"):
             return self._torch_file(path)[name]
-        from safetensors import safe_open
+        safe_open = _hf_package("safetensors").safe_open
         with safe_open(path, framework="np") as f:
             if f.get_slice(name).get_dtype() != "BF16":
                 return np.asarray(f.get_tensor(name), np.float32)
@@ -359,7 +359,7 @@ def save(config: T5Config, params: dict, out_dir: str, vocab_path: Optional[str]
     Refuses a directory that already holds a model unless overwrite=True; everything is checked
     (config, shapes, vocabulary file) before the first file is written.
     """
-    from safetensors.numpy import save_file
+    save_file = _hf_package("safetensors.numpy").save_file
 
     if holds_hf_model(out_dir) and not overwrite:
         raise HFFormatError(f"{out_dir} already holds a Hugging Face model; pass --overwrite to replace it, "
@@ -391,6 +391,16 @@ def save(config: T5Config, params: dict, out_dir: str, vocab_path: Optional[str]
             shutil.copyfile(os.path.join(tokenizer_dir, filename), os.path.join(out_dir, filename))
 
 
+def _hf_package(name: str):
+    """Import a package of the `hf` extra, or say how to install it."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise HFFormatError(f"Hugging Face interop needs the package {name.split('.')[0]!r}, which is "
+                            "not installed; install the extra: pip install -e '.[hf]'") from None
+
+
 def write_tokenizer(vocab_path: str, out_dir: str):
     """spiece.model plus the files transformers' T5Tokenizer saves, so AutoTokenizer loads offline.
 
@@ -398,7 +408,7 @@ def write_tokenizer(vocab_path: str, out_dir: str):
     writes tokenizer.json and tokenizer_config.json. Sentinels <extra_id_i> get id
     (SentencePiece size + 100 - 1 - i), as seqio's SentencePieceVocabulary(extra_ids=100).
     """
-    from transformers import T5Tokenizer  # lazily: only tokenizer export needs it
+    T5Tokenizer = _hf_package("transformers").T5Tokenizer  # lazily: only tokenizer export needs it
     os.makedirs(out_dir, exist_ok=True)
     shutil.copyfile(vocab_path, os.path.join(out_dir, SPM_FILE))
     try:
