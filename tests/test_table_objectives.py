@@ -17,130 +17,130 @@ from conftest import TABLE_WORDS as WORDS
 
 @pytest.fixture(scope="module")
 def vocabulary(table_vocabulary):
-  return table_vocabulary
+    return table_vocabulary
 LENGTHS = {"inputs": 160, "targets": 96}
 
 
 
 
 def random_tables(n, seed=0):
-  rng = random.Random(seed)
-  out = []
-  for i in range(n):
-    width = rng.randint(1, 5)
-    cell = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.choice([0, 1, 1, 2, 4])))
-    out.append(tables.make_table([f"h{j} {cell()}" for j in range(width)],
-                                 [[cell() or "x" for _ in range(width)]
-                                  for _ in range(rng.randint(1, 12))],
-                                 title=cell(), source=f"t{i}"))
-  return out
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        width = rng.randint(1, 5)
+        cell = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.choice([0, 1, 1, 2, 4])))
+        out.append(tables.make_table([f"h{j} {cell()}" for j in range(width)],
+                                     [[cell() or "x" for _ in range(width)]
+                                      for _ in range(rng.randint(1, 12))],
+                                     title=cell(), source=f"t{i}"))
+    return out
 
 
 def denoise(vocabulary, table_list, rates=None, lengths=LENGTHS, seed=7):
-  features = {k: seqio.Feature(vocabulary) for k in ("inputs", "targets")}
-  ds = tf.data.Dataset.from_tensor_slices({"table": [t.to_json() for t in table_list]})
-  ds = table_objectives.linearize_tables(ds, lengths, features)
-  with seqio.utils.map_seed_manager(seed):
-    ds = table_objectives.table_denoise(ds, lengths, features, denoiser_rates=rates)
-  return list(ds.as_numpy_iterator())
+    features = {k: seqio.Feature(vocabulary) for k in ("inputs", "targets")}
+    ds = tf.data.Dataset.from_tensor_slices({"table": [t.to_json() for t in table_list]})
+    ds = table_objectives.linearize_tables(ds, lengths, features)
+    with seqio.utils.map_seed_manager(seed):
+        ds = table_objectives.table_denoise(ds, lengths, features, denoiser_rates=rates)
+    return list(ds.as_numpy_iterator())
 
 
 def masked_spans(targets, first_sentinel):
-  """The token runs after each sentinel in the targets, in order."""
-  spans, current = [], None
-  for t in targets:
-    if first_sentinel - 100 < t <= first_sentinel:
-      current = []
-      spans.append(current)
-    else:
-      current.append(int(t))
-  return [s for s in spans if s]
+    """The token runs after each sentinel in the targets, in order."""
+    spans, current = [], None
+    for t in targets:
+        if first_sentinel - 100 < t <= first_sentinel:
+            current = []
+            spans.append(current)
+        else:
+            current.append(int(t))
+    return [s for s in spans if s]
 
 
 def unit_runs(linearized, denoiser):
-  """Every maskable unit of a denoiser as the token runs it covers."""
-  units = table_objectives.unit_ids(linearized)[denoiser]
-  ids = np.asarray(linearized.token_ids)
-  runs = collections.defaultdict(list)
-  for u in np.unique(units[units >= 0]):
-    positions = np.flatnonzero(units == u)
-    for run in np.split(positions, np.flatnonzero(np.diff(positions) > 1) + 1):
-      runs[int(u)].append(ids[run].tolist())
-  return runs
+    """Every maskable unit of a denoiser as the token runs it covers."""
+    units = table_objectives.unit_ids(linearized)[denoiser]
+    ids = np.asarray(linearized.token_ids)
+    runs = collections.defaultdict(list)
+    for u in np.unique(units[units >= 0]):
+        positions = np.flatnonzero(units == u)
+        for run in np.split(positions, np.flatnonzero(np.diff(positions) > 1) + 1):
+            runs[int(u)].append(ids[run].tolist())
+    return runs
 
 
 @pytest.mark.parametrize("denoiser", table_objectives.DENOISERS)
 def test_masked_units_are_whole_and_reconstruct_the_table(vocabulary, denoiser):
-  table_list = random_tables(25, seed=table_objectives.DENOISERS.index(denoiser))
-  first = objectives.sentinel_id(vocabulary)
-  mode = list(vocabulary.encode(objectives.MODE_TOKENS["R" if denoiser == "cell" else "X"]))
-  examples = denoise(vocabulary, table_list, rates={denoiser: 1.0})
-  assert len(examples) == 25  # every table has a body row that fits the targets
-  budget = LENGTHS["inputs"] - 8
-  by_text = {lin.linearize(t, vocabulary, budget).text: t for t in table_list}
-  for ex in examples:
-    linearized = lin.linearize(by_text[ex["table_text"].decode()], vocabulary, budget)
-    inputs, targets = ex["inputs"].tolist(), ex["targets"].tolist()
-    assert inputs[:len(mode)] == mode
-    assert targets[0] == first  # <extra_id_0>, the highest id, opens the targets
-    rebuilt = objectives.reconstruct_from_spans(inputs[len(mode):], targets, first, 100)
-    assert rebuilt.tolist() == linearized.token_ids
-    # Each masked run is one whole unit run (a cell, a row's content, a column's cell).
-    runs = unit_runs(linearized, denoiser)
-    all_runs = [r for rs in runs.values() for r in rs]
-    spans = masked_spans(targets, first)
-    assert spans and all(span in all_runs for span in spans)
-    if denoiser == "column":  # a masked column loses its header and all of its cells
-      masked_units = {u for u, rs in runs.items() if rs[0] in spans}
-      for u in masked_units:
-        assert all(r in spans for r in runs[u] if r)
-    assert len(inputs) + 1 <= LENGTHS["inputs"] and len(targets) + 1 <= LENGTHS["targets"]
+    table_list = random_tables(25, seed=table_objectives.DENOISERS.index(denoiser))
+    first = objectives.sentinel_id(vocabulary)
+    mode = list(vocabulary.encode(objectives.MODE_TOKENS["R" if denoiser == "cell" else "X"]))
+    examples = denoise(vocabulary, table_list, rates={denoiser: 1.0})
+    assert len(examples) == 25  # every table has a body row that fits the targets
+    budget = LENGTHS["inputs"] - 8
+    by_text = {lin.linearize(t, vocabulary, budget).text: t for t in table_list}
+    for ex in examples:
+        linearized = lin.linearize(by_text[ex["table_text"].decode()], vocabulary, budget)
+        inputs, targets = ex["inputs"].tolist(), ex["targets"].tolist()
+        assert inputs[:len(mode)] == mode
+        assert targets[0] == first  # <extra_id_0>, the highest id, opens the targets
+        rebuilt = objectives.reconstruct_from_spans(inputs[len(mode):], targets, first, 100)
+        assert rebuilt.tolist() == linearized.token_ids
+        # Each masked run is one whole unit run (a cell, a row's content, a column's cell).
+        runs = unit_runs(linearized, denoiser)
+        all_runs = [r for rs in runs.values() for r in rs]
+        spans = masked_spans(targets, first)
+        assert spans and all(span in all_runs for span in spans)
+        if denoiser == "column":  # a masked column loses its header and all of its cells
+            masked_units = {u for u, rs in runs.items() if rs[0] in spans}
+            for u in masked_units:
+                assert all(r in spans for r in runs[u] if r)
+        assert len(inputs) + 1 <= LENGTHS["inputs"] and len(targets) + 1 <= LENGTHS["targets"]
 
 
 def test_denoiser_frequencies_follow_the_rates(vocabulary):
-  examples = denoise(vocabulary, random_tables(300, seed=3),
-                     rates={"cell": 3.0, "row": 1.0, "column": 0.0})
-  counts = collections.Counter(int(ex["denoiser"]) for ex in examples)
-  assert counts[2] == 0
-  share = counts[0] / len(examples)
-  assert abs(share - 0.75) < 0.08, counts
+    examples = denoise(vocabulary, random_tables(300, seed=3),
+                       rates={"cell": 3.0, "row": 1.0, "column": 0.0})
+    counts = collections.Counter(int(ex["denoiser"]) for ex in examples)
+    assert counts[2] == 0
+    share = counts[0] / len(examples)
+    assert abs(share - 0.75) < 0.08, counts
 
 
 def test_same_seed_same_examples(vocabulary):
-  a = denoise(vocabulary, random_tables(10), seed=5)
-  b = denoise(vocabulary, random_tables(10), seed=5)
-  c = denoise(vocabulary, random_tables(10), seed=6)
-  assert [x["inputs"].tolist() for x in a] == [x["inputs"].tolist() for x in b]
-  assert [x["inputs"].tolist() for x in a] != [x["inputs"].tolist() for x in c]
+    a = denoise(vocabulary, random_tables(10), seed=5)
+    b = denoise(vocabulary, random_tables(10), seed=5)
+    c = denoise(vocabulary, random_tables(10), seed=6)
+    assert [x["inputs"].tolist() for x in a] == [x["inputs"].tolist() for x in b]
+    assert [x["inputs"].tolist() for x in a] != [x["inputs"].tolist() for x in c]
 
 
 def test_bad_rates_are_clear_errors(vocabulary):
-  features = {k: seqio.Feature(vocabulary) for k in ("inputs", "targets")}
-  ds = tf.data.Dataset.from_tensor_slices({"table": ["{}"]})
-  for rates, message in [({"cell": -1.0}, "non-negative"), ({"cell": 0.0}, "not all zero"),
-                         ({"cells": 1.0}, "unknown table denoisers")]:
-    with pytest.raises(ValueError, match=message):
-      table_objectives.table_denoise(ds, LENGTHS, features, denoiser_rates=rates)
-  with pytest.raises(ValueError, match="too short"):
-    table_objectives.table_denoise(ds, {"inputs": 64, "targets": 3}, features)
+    features = {k: seqio.Feature(vocabulary) for k in ("inputs", "targets")}
+    ds = tf.data.Dataset.from_tensor_slices({"table": ["{}"]})
+    for rates, message in [({"cell": -1.0}, "non-negative"), ({"cell": 0.0}, "not all zero"),
+                           ({"cells": 1.0}, "unknown table denoisers")]:
+        with pytest.raises(ValueError, match=message):
+            table_objectives.table_denoise(ds, LENGTHS, features, denoiser_rates=rates)
+    with pytest.raises(ValueError, match="too short"):
+        table_objectives.table_denoise(ds, {"inputs": 64, "targets": 3}, features)
 
 
 def test_tables_over_budget_or_without_rows_are_skipped(vocabulary):
-  wide = tables.make_table([f"long header name {i}" for i in range(60)], [["1"] * 60],
-                           source="wide-table")
-  header_only = tables.make_table(["year", "city"], [])
-  before = table_objectives.SKIPPED["header_over_budget"]
-  examples = denoise(vocabulary, [wide, header_only] + random_tables(3),
-                     rates={"cell": 1.0, "row": 1.0})  # nothing to mask without rows
-  assert len(examples) == 3
-  assert table_objectives.SKIPPED["header_over_budget"] == before + 1
+    wide = tables.make_table([f"long header name {i}" for i in range(60)], [["1"] * 60],
+                             source="wide-table")
+    header_only = tables.make_table(["year", "city"], [])
+    before = table_objectives.SKIPPED["header_over_budget"]
+    examples = denoise(vocabulary, [wide, header_only] + random_tables(3),
+                       rates={"cell": 1.0, "row": 1.0})  # nothing to mask without rows
+    assert len(examples) == 3
+    assert table_objectives.SKIPPED["header_over_budget"] == before + 1
 
 
 def test_never_more_spans_than_sentinels(vocabulary):
-  few = seqio.SentencePieceVocabulary(vocabulary.sentencepiece_model_file, extra_ids=4)
-  tall = [tables.make_table(["a", "b"], [[str(i), str(i)] for i in range(n)]) for n in (2, 30)]
-  examples = denoise(few, tall, rates={"column": 1.0}, lengths={"inputs": 400, "targets": 200})
-  assert len(examples) == 1  # the 30-row column needs 32 sentinels, the 2-row one 4
-  lowest = few.vocab_size - 4
-  targets = examples[0]["targets"]
-  assert sum(t >= lowest for t in targets) <= 4
+    few = seqio.SentencePieceVocabulary(vocabulary.sentencepiece_model_file, extra_ids=4)
+    tall = [tables.make_table(["a", "b"], [[str(i), str(i)] for i in range(n)]) for n in (2, 30)]
+    examples = denoise(few, tall, rates={"column": 1.0}, lengths={"inputs": 400, "targets": 200})
+    assert len(examples) == 1  # the 30-row column needs 32 sentinels, the 2-row one 4
+    lowest = few.vocab_size - 4
+    targets = examples[0]["targets"]
+    assert sum(t >= lowest for t in targets) <= 4

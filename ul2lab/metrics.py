@@ -32,90 +32,90 @@ _OUTER_QUOTES = re.compile(r'^"([^"]*)"$')
 
 
 def normalize_answer(text: str) -> str:
-  """The official evaluator's string normalization (see the module docstring)."""
-  text = "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn")
-  text = re.sub(r"[‘’´`]", "'", text)
-  text = re.sub(r"[“”]", '"', text)
-  text = re.sub(r"[‐‑‒–—−]", "-", text)
-  while True:
-    before = text
-    text = _CITATION.sub("", text.strip())
-    text = _PARENTHETICAL.sub("", text.strip())
-    text = _OUTER_QUOTES.sub(r"\1", text.strip())
-    if text == before:
-      break
-  if text.endswith("."):
-    text = text[:-1]
-  return re.sub(r"\s+", " ", text).lower().strip()
+    """The official evaluator's string normalization (see the module docstring)."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) != "Mn")
+    text = re.sub(r"[‘’´`]", "'", text)
+    text = re.sub(r"[“”]", '"', text)
+    text = re.sub(r"[‐‑‒–—−]", "-", text)
+    while True:
+        before = text
+        text = _CITATION.sub("", text.strip())
+        text = _PARENTHETICAL.sub("", text.strip())
+        text = _OUTER_QUOTES.sub(r"\1", text.strip())
+        if text == before:
+            break
+    if text.endswith("."):
+        text = text[:-1]
+    return re.sub(r"\s+", " ", text).lower().strip()
 
 
 def _as_number(text: str):
-  try:
-    return int(text)
-  except (ValueError, TypeError):
-    pass
-  try:
-    amount = float(text)
-  except (ValueError, TypeError):
-    return None
-  return None if amount != amount or amount in (float("inf"), float("-inf")) else amount
+    try:
+        return int(text)
+    except (ValueError, TypeError):
+        pass
+    try:
+        amount = float(text)
+    except (ValueError, TypeError):
+        return None
+    return None if amount != amount or amount in (float("inf"), float("-inf")) else amount
 
 
 def _as_date(text: str):
-  """(year, month, day) from `yyyy-mm-dd` with `xx` placeholders (-1), else None."""
-  fields = text.lower().split("-")
-  if len(fields) != 3:
-    return None
-  try:
-    year = -1 if fields[0] in ("xx", "xxxx") else int(fields[0])
-    month = -1 if fields[1] == "xx" else int(fields[1])
-    day = -1 if fields[2] == "xx" else int(fields[2])
-  except ValueError:
-    return None
-  if (year, month, day) == (-1, -1, -1) or not (month == -1 or 1 <= month <= 12) \
-      or not (day == -1 or 1 <= day <= 31):
-    return None
-  return year, month, day
+    """(year, month, day) from `yyyy-mm-dd` with `xx` placeholders (-1), else None."""
+    fields = text.lower().split("-")
+    if len(fields) != 3:
+        return None
+    try:
+        year = -1 if fields[0] in ("xx", "xxxx") else int(fields[0])
+        month = -1 if fields[1] == "xx" else int(fields[1])
+        day = -1 if fields[2] == "xx" else int(fields[2])
+    except ValueError:
+        return None
+    if (year, month, day) == (-1, -1, -1) or not (month == -1 or 1 <= month <= 12) \
+            or not (day == -1 or 1 <= day <= 31):
+        return None
+    return year, month, day
 
 
 class AnswerValue:
-  """A WikiTQ answer value: kind 'number' (amount), 'date' (y, m, d) or 'string', plus the
-  normalized original string that every kind also matches on."""
+    """A WikiTQ answer value: kind 'number' (amount), 'date' (y, m, d) or 'string', plus the
+    normalized original string that every kind also matches on."""
 
-  def __init__(self, original: str, canonical: str | None = None):
-    canonical = canonical or original
-    self.normalized = normalize_answer(original)
-    self.kind, self.key = "string", self.normalized
-    amount = _as_number(canonical)
-    ymd = None if amount is not None else _as_date(canonical)
-    if ymd is not None and ymd[1] == ymd[2] == -1:
-      amount, ymd = ymd[0], None  # a year alone is a number
-    if amount is not None:
-      self.kind = "number"
-      self.key = int(amount) if abs(amount - round(amount)) < 1e-6 else float(amount)
-    elif ymd is not None:
-      self.kind, self.key = "date", ymd
+    def __init__(self, original: str, canonical: str | None = None):
+        canonical = canonical or original
+        self.normalized = normalize_answer(original)
+        self.kind, self.key = "string", self.normalized
+        amount = _as_number(canonical)
+        ymd = None if amount is not None else _as_date(canonical)
+        if ymd is not None and ymd[1] == ymd[2] == -1:
+            amount, ymd = ymd[0], None  # a year alone is a number
+        if amount is not None:
+            self.kind = "number"
+            self.key = int(amount) if abs(amount - round(amount)) < 1e-6 else float(amount)
+        elif ymd is not None:
+            self.kind, self.key = "date", ymd
 
-  def matches(self, predicted: "AnswerValue") -> bool:
-    if self.normalized == predicted.normalized:
-      return True
-    if self.kind == predicted.kind == "number":
-      return abs(self.key - predicted.key) < 1e-6
-    if self.kind == predicted.kind == "date":
-      return self.key == predicted.key
-    return False
+    def matches(self, predicted: "AnswerValue") -> bool:
+        if self.normalized == predicted.normalized:
+            return True
+        if self.kind == predicted.kind == "number":
+            return abs(self.key - predicted.key) < 1e-6
+        if self.kind == predicted.kind == "date":
+            return self.key == predicted.key
+        return False
 
-  def _identity(self):
-    return self.kind, self.key if self.kind != "string" else self.normalized
+    def _identity(self):
+        return self.kind, self.key if self.kind != "string" else self.normalized
 
-  def __eq__(self, other):
-    return isinstance(other, AnswerValue) and self._identity() == other._identity()
+    def __eq__(self, other):
+        return isinstance(other, AnswerValue) and self._identity() == other._identity()
 
-  def __hash__(self):
-    return hash(self._identity())
+    def __hash__(self):
+        return hash(self._identity())
 
-  def __repr__(self):
-    return f"AnswerValue({self.kind}, {self.key!r}, {self.normalized!r})"
+    def __repr__(self):
+        return f"AnswerValue({self.kind}, {self.key!r}, {self.normalized!r})"
 
 
 _MONTHS = {m: i + 1 for i, m in enumerate(
@@ -129,123 +129,123 @@ _MONTH = r"(?P<month>[a-z]+)\.?"
 
 
 def canonical_gold_value(text: str) -> str | None:
-  """A CoreNLP-like canonical form of a gold answer (`12467`, `2004-01-05`), or None.
+    """A CoreNLP-like canonical form of a gold answer (`12467`, `2004-01-05`), or None.
 
-  Stands in for the tagged `targetCanon` column the official evaluator reads: numbers written
-  with thousands separators, ordinals (`1st`), number words up to twelve, and dates with month
-  names (`January 5, 2004`, `5 January 2004`, `Jan. 2004`, `January 5`).
-  """
-  t = text.strip().lower()
-  if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", t):
-    return t.replace(",", "")
-  m = re.fullmatch(r"(\d+)(st|nd|rd|th)", t)
-  if m:
-    return m.group(1)
-  if t in _NUMBER_WORDS:
-    return str(_NUMBER_WORDS[t])
-  for pattern in (rf"{_MONTH} (?P<day>\d{{1,2}}),? (?P<year>\d{{4}})",
-                  rf"(?P<day>\d{{1,2}}) {_MONTH},? (?P<year>\d{{4}})",
-                  rf"{_MONTH},? (?P<year>\d{{4}})",
-                  rf"{_MONTH} (?P<day>\d{{1,2}})",
-                  rf"(?P<day>\d{{1,2}}) {_MONTH}"):
-    m = re.fullmatch(pattern, t)
-    if m and m.group("month") in _MONTHS:
-      fields = m.groupdict()
-      year = fields.get("year") or "xx"
-      day = f"{int(fields['day']):02d}" if fields.get("day") else "xx"
-      return f"{year}-{_MONTHS[fields['month']]:02d}-{day}"
-  return None
+    Stands in for the tagged `targetCanon` column the official evaluator reads: numbers written
+    with thousands separators, ordinals (`1st`), number words up to twelve, and dates with month
+    names (`January 5, 2004`, `5 January 2004`, `Jan. 2004`, `January 5`).
+    """
+    t = text.strip().lower()
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", t):
+        return t.replace(",", "")
+    m = re.fullmatch(r"(\d+)(st|nd|rd|th)", t)
+    if m:
+        return m.group(1)
+    if t in _NUMBER_WORDS:
+        return str(_NUMBER_WORDS[t])
+    for pattern in (rf"{_MONTH} (?P<day>\d{{1,2}}),? (?P<year>\d{{4}})",
+                    rf"(?P<day>\d{{1,2}}) {_MONTH},? (?P<year>\d{{4}})",
+                    rf"{_MONTH},? (?P<year>\d{{4}})",
+                    rf"{_MONTH} (?P<day>\d{{1,2}})",
+                    rf"(?P<day>\d{{1,2}}) {_MONTH}"):
+        m = re.fullmatch(pattern, t)
+        if m and m.group("month") in _MONTHS:
+            fields = m.groupdict()
+            year = fields.get("year") or "xx"
+            day = f"{int(fields['day']):02d}" if fields.get("day") else "xx"
+            return f"{year}-{_MONTHS[fields['month']]:02d}-{day}"
+    return None
 
 
 def gold_values(answers: Sequence[str]) -> set[AnswerValue]:
-  return {AnswerValue(a, canonical_gold_value(a)) for a in answers}
+    return {AnswerValue(a, canonical_gold_value(a)) for a in answers}
 
 
 def predicted_values(answers: Sequence[str]) -> set[AnswerValue]:
-  return {AnswerValue(a) for a in answers}
+    return {AnswerValue(a) for a in answers}
 
 
 def denotation_correct(gold: Sequence[str], predicted: Sequence[str]) -> bool:
-  """The official check: equal set sizes and every gold value matches a predicted value."""
-  gold_set, predicted_set = gold_values(gold), predicted_values(predicted)
-  return len(gold_set) == len(predicted_set) and all(
-      any(g.matches(p) for p in predicted_set) for g in gold_set)
+    """The official check: equal set sizes and every gold value matches a predicted value."""
+    gold_set, predicted_set = gold_values(gold), predicted_values(predicted)
+    return len(gold_set) == len(predicted_set) and all(
+        any(g.matches(p) for p in predicted_set) for g in gold_set)
 
 
 def split_answers(text: str, separator: str = ", ") -> list[str]:
-  return text.split(separator) if text else [""]
+    return text.split(separator) if text else [""]
 
 
 def _readings(parts: list[str], gold: set, separator: str, limit: int = 10_000):
-  """Ways to regroup `parts` (a prediction split at the separator) into consecutive runs such that
-  every run matches some gold value; at most `limit` are tried."""
-  budget = [limit]
+    """Ways to regroup `parts` (a prediction split at the separator) into consecutive runs such that
+    every run matches some gold value; at most `limit` are tried."""
+    budget = [limit]
 
-  def from_(i):
-    if i == len(parts):
-      yield []
-      return
-    for j in range(i + 1, len(parts) + 1):
-      budget[0] -= 1
-      if budget[0] < 0:
-        return
-      value = separator.join(parts[i:j])
-      if any(g.matches(AnswerValue(value)) for g in gold):
-        for rest in from_(j):
-          yield [value] + rest
+    def from_(i):
+        if i == len(parts):
+            yield []
+            return
+        for j in range(i + 1, len(parts) + 1):
+            budget[0] -= 1
+            if budget[0] < 0:
+                return
+            value = separator.join(parts[i:j])
+            if any(g.matches(AnswerValue(value)) for g in gold):
+                for rest in from_(j):
+                    yield [value] + rest
 
-  yield from from_(0)
+    yield from from_(0)
 
 
 def prediction_correct(gold: Sequence[str], predicted: str, separator: str = ", ") -> bool:
-  """A joined prediction is right when some reading of it as a list denotes the gold set.
+    """A joined prediction is right when some reading of it as a list denotes the gold set.
 
-  The task joins answers with `separator`, and answers may contain it ("Bangkok, Thailand"), so
-  the prediction is read back every way its separators allow: each run of parts must be one gold
-  value, and the resulting list must pass the official check. A prediction that is not the gold
-  list (in any order, modulo normalization) has no such reading.
-  """
-  gold_set = gold_values(gold)
-  parts = split_answers(predicted, separator)
-  if denotation_correct(gold, parts):
-    return True
-  return any(denotation_correct(gold, reading) for reading in _readings(parts, gold_set, separator))
+    The task joins answers with `separator`, and answers may contain it ("Bangkok, Thailand"), so
+    the prediction is read back every way its separators allow: each run of parts must be one gold
+    value, and the resulting list must pass the official check. A prediction that is not the gold
+    list (in any order, modulo normalization) has no such reading.
+    """
+    gold_set = gold_values(gold)
+    parts = split_answers(predicted, separator)
+    if denotation_correct(gold, parts):
+        return True
+    return any(denotation_correct(gold, reading) for reading in _readings(parts, gold_set, separator))
 
 
 def wikitq_denotation_accuracy(targets: Sequence[Union[str, Sequence[str]]],
                                predictions: Sequence[Union[str, Sequence[str]]],
                                separator: str = ", ") -> dict:
-  """Denotation accuracy (percent). Targets are gold answer lists (a string is split on
-  `separator`); predictions are lists, or strings read back as in `prediction_correct`."""
-  if len(targets) != len(predictions):
-    raise ValueError(f"wikitq_denotation_accuracy got {len(targets)} targets but "
-                     f"{len(predictions)} predictions; they must pair up one to one")
-  correct = 0
-  for gold, predicted in zip(targets, predictions):
-    gold = split_answers(gold, separator) if isinstance(gold, str) else list(gold)
-    if isinstance(predicted, str):
-      correct += prediction_correct(gold, predicted, separator)
-    else:
-      correct += denotation_correct(gold, list(predicted))
-  return {"denotation_accuracy": 100.0 * correct / max(len(targets), 1)}
+    """Denotation accuracy (percent). Targets are gold answer lists (a string is split on
+    `separator`); predictions are lists, or strings read back as in `prediction_correct`."""
+    if len(targets) != len(predictions):
+        raise ValueError(f"wikitq_denotation_accuracy got {len(targets)} targets but "
+                         f"{len(predictions)} predictions; they must pair up one to one")
+    correct = 0
+    for gold, predicted in zip(targets, predictions):
+        gold = split_answers(gold, separator) if isinstance(gold, str) else list(gold)
+        if isinstance(predicted, str):
+            correct += prediction_correct(gold, predicted, separator)
+        else:
+            correct += denotation_correct(gold, list(predicted))
+    return {"denotation_accuracy": 100.0 * correct / max(len(targets), 1)}
 
 
 # ------------------------------------------------------------------------- generic
 
 def accuracy(targets: Sequence, predictions: Sequence) -> dict:
-  """Exact-match accuracy (percent), e.g. TabFact's `entailed`/`refuted`."""
-  if len(targets) != len(predictions):
-    raise ValueError(f"accuracy got {len(targets)} targets but {len(predictions)} predictions")
-  hits = sum(t == p for t, p in zip(targets, predictions))
-  return {"accuracy": 100.0 * hits / max(len(targets), 1)}
+    """Exact-match accuracy (percent), e.g. TabFact's `entailed`/`refuted`."""
+    if len(targets) != len(predictions):
+        raise ValueError(f"accuracy got {len(targets)} targets but {len(predictions)} predictions")
+    hits = sum(t == p for t, p in zip(targets, predictions))
+    return {"accuracy": 100.0 * hits / max(len(targets), 1)}
 
 
 def sacrebleu(targets: Sequence[str], predictions: Sequence[str]) -> dict:
-  """Corpus BLEU from the sacrebleu package (13a tokenization, exponential smoothing), 0-100."""
-  import sacrebleu as sb  # data-side optional dependency
+    """Corpus BLEU from the sacrebleu package (13a tokenization, exponential smoothing), 0-100."""
+    import sacrebleu as sb  # data-side optional dependency
 
-  if len(targets) != len(predictions):
-    raise ValueError(f"sacrebleu got {len(targets)} targets but {len(predictions)} predictions")
-  references = [[t if isinstance(t, str) else t[0] for t in targets]]
-  return {"bleu": sb.corpus_bleu(list(predictions), references, smooth_method="exp",
-                                 tokenize="13a").score}
+    if len(targets) != len(predictions):
+        raise ValueError(f"sacrebleu got {len(targets)} targets but {len(predictions)} predictions")
+    references = [[t if isinstance(t, str) else t[0] for t in targets]]
+    return {"bleu": sb.corpus_bleu(list(predictions), references, smooth_method="exp",
+                                   tokenize="13a").score}

@@ -48,21 +48,21 @@ _WARNED_OVER_BUDGET = set()  # (table source, token budget) already reported in 
 
 
 def unit_ids(linearized: lin.Linearized) -> dict[str, np.ndarray]:
-  """Per token, the index of its cell / row / column unit, or -1 where that denoiser keeps it."""
-  cells, rows, columns = [], [], []
-  cell_index: dict[tuple[int, int], int] = {}
-  row_index: dict[int, int] = {}
-  for piece, ids in zip(linearized.pieces, linearized.piece_ids):
-    in_body = piece.row >= 0 and piece.kind in (lin.CELL, lin.SEPARATOR)
-    cell = cell_index.setdefault((piece.row, piece.col), len(cell_index)) \
-        if piece.kind == lin.CELL else -1
-    row = row_index.setdefault(piece.row, len(row_index)) if in_body else -1
-    column = piece.col if piece.kind in (lin.CELL, lin.HEADER) else -1
-    cells += [cell] * len(ids)
-    rows += [row] * len(ids)
-    columns += [column] * len(ids)
-  return {"cell": np.asarray(cells, np.int32), "row": np.asarray(rows, np.int32),
-          "column": np.asarray(columns, np.int32)}
+    """Per token, the index of its cell / row / column unit, or -1 where that denoiser keeps it."""
+    cells, rows, columns = [], [], []
+    cell_index: dict[tuple[int, int], int] = {}
+    row_index: dict[int, int] = {}
+    for piece, ids in zip(linearized.pieces, linearized.piece_ids):
+        in_body = piece.row >= 0 and piece.kind in (lin.CELL, lin.SEPARATOR)
+        cell = cell_index.setdefault((piece.row, piece.col), len(cell_index)) \
+            if piece.kind == lin.CELL else -1
+        row = row_index.setdefault(piece.row, len(row_index)) if in_body else -1
+        column = piece.col if piece.kind in (lin.CELL, lin.HEADER) else -1
+        cells += [cell] * len(ids)
+        rows += [row] * len(ids)
+        columns += [column] * len(ids)
+    return {"cell": np.asarray(cells, np.int32), "row": np.asarray(rows, np.int32),
+            "column": np.asarray(columns, np.int32)}
 
 
 @gin.configurable(module="ul2lab")
@@ -71,67 +71,67 @@ def linearize_tables(dataset: tf.data.Dataset, sequence_length: Mapping[str, int
                      config: Optional[lin.LinearizeConfig] = None,
                      reserved_tokens: int = 8, length_key: str = "inputs",
                      output_key: str = "tokens") -> tf.data.Dataset:
-  """{"table": JSON} → {output_key: ids, "cell_unit"/"row_unit"/"column_unit", "table_text", ...}.
+    """{"table": JSON} → {output_key: ids, "cell_unit"/"row_unit"/"column_unit", "table_text", ...}.
 
-  The budget is `sequence_length[length_key] - reserved_tokens` (room for a mode token and EOS).
-  Tables whose header alone exceeds it, or whose JSON is unreadable, are dropped, counted in
-  `SKIPPED` and logged with their source.
-  """
-  vocabulary = output_features["targets"].vocabulary  # inputs and targets share it
-  config = config or LinearizeConfig()
-  budget = sequence_length[length_key] - reserved_tokens
-  if budget <= 0:
-    raise ValueError(f"sequence length {sequence_length[length_key]} for {length_key!r} leaves no "
-                     f"room for a table after {reserved_tokens} reserved tokens")
+    The budget is `sequence_length[length_key] - reserved_tokens` (room for a mode token and EOS).
+    Tables whose header alone exceeds it, or whose JSON is unreadable, are dropped, counted in
+    `SKIPPED` and logged with their source.
+    """
+    vocabulary = output_features["targets"].vocabulary  # inputs and targets share it
+    config = config or LinearizeConfig()
+    budget = sequence_length[length_key] - reserved_tokens
+    if budget <= 0:
+        raise ValueError(f"sequence length {sequence_length[length_key]} for {length_key!r} leaves no "
+                         f"room for a table after {reserved_tokens} reserved tokens")
 
-  def py_linearize(table_json):
-    try:
-      table = table_from_json(json.loads(table_json.decode("utf-8")), "table")
-    except (ValueError, TableReadError) as e:
-      SKIPPED["unreadable"] += 1
-      logging.warning("Skipping a table that cannot be decoded: %s", e)
-      table = None
-    if table is not None:
-      result = lin.linearize(table, vocabulary, budget, config=config)
-      if not result.fits:
-        SKIPPED["header_over_budget"] += 1
-        # every epoch, and every task over the same tables, meets them again: say it once
-        if (table.source, budget) not in _WARNED_OVER_BUDGET:
-          _WARNED_OVER_BUDGET.add((table.source, budget))
-          logging.warning("Skipping table %s: its header alone needs more than %d tokens",
-                          table.source, budget)
-    if table is None or not result.fits:
-      empty = np.zeros([0], np.int32)
-      return empty, empty, empty, empty, b"", False, False
-    units = unit_ids(result)
-    return (np.asarray(result.token_ids, np.int32), units["cell"], units["row"], units["column"],
-            result.text.encode("utf-8"), True, result.truncated)
+    def py_linearize(table_json):
+        try:
+            table = table_from_json(json.loads(table_json.decode("utf-8")), "table")
+        except (ValueError, TableReadError) as e:
+            SKIPPED["unreadable"] += 1
+            logging.warning("Skipping a table that cannot be decoded: %s", e)
+            table = None
+        if table is not None:
+            result = lin.linearize(table, vocabulary, budget, config=config)
+            if not result.fits:
+                SKIPPED["header_over_budget"] += 1
+                # every epoch, and every task over the same tables, meets them again: say it once
+                if (table.source, budget) not in _WARNED_OVER_BUDGET:
+                    _WARNED_OVER_BUDGET.add((table.source, budget))
+                    logging.warning("Skipping table %s: its header alone needs more than %d tokens",
+                                    table.source, budget)
+        if table is None or not result.fits:
+            empty = np.zeros([0], np.int32)
+            return empty, empty, empty, empty, b"", False, False
+        units = unit_ids(result)
+        return (np.asarray(result.token_ids, np.int32), units["cell"], units["row"], units["column"],
+                result.text.encode("utf-8"), True, result.truncated)
 
-  def fn(ex):
-    outs = tf.numpy_function(py_linearize, [ex["table"]],
-                             [tf.int32, tf.int32, tf.int32, tf.int32, tf.string, tf.bool, tf.bool],
-                             stateful=False)
-    tokens, cell, row, column, text, fits, truncated = outs
-    for t in (tokens, cell, row, column):
-      t.set_shape([None])
-    for t in (text, fits, truncated):
-      t.set_shape([])
-    ex = dict(ex)
-    ex.update({output_key: tokens, "cell_unit": cell, "row_unit": row, "column_unit": column,
-               "table_text": text, "fits": fits, "table_truncated": truncated})
-    return ex
+    def fn(ex):
+        outs = tf.numpy_function(py_linearize, [ex["table"]],
+                                 [tf.int32, tf.int32, tf.int32, tf.int32, tf.string, tf.bool, tf.bool],
+                                 stateful=False)
+        tokens, cell, row, column, text, fits, truncated = outs
+        for t in (tokens, cell, row, column):
+            t.set_shape([None])
+        for t in (text, fits, truncated):
+            t.set_shape([])
+        ex = dict(ex)
+        ex.update({output_key: tokens, "cell_unit": cell, "row_unit": row, "column_unit": column,
+                   "table_text": text, "fits": fits, "table_truncated": truncated})
+        return ex
 
-  dataset = dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.filter(lambda ex: ex["fits"])
+    dataset = dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.filter(lambda ex: ex["fits"])
 
 
 def _check_rates(rates: Mapping[str, float], what: str):
-  unknown = set(rates) - set(DENOISERS)
-  if unknown:
-    raise ValueError(f"{what} names unknown table denoisers {sorted(unknown)}; "
-                     f"use {list(DENOISERS)}")
-  if any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
-    raise ValueError(f"{what} must be non-negative and not all zero, got {dict(rates)}")
+    unknown = set(rates) - set(DENOISERS)
+    if unknown:
+        raise ValueError(f"{what} names unknown table denoisers {sorted(unknown)}; "
+                         f"use {list(DENOISERS)}")
+    if any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
+        raise ValueError(f"{what} must be non-negative and not all zero, got {dict(rates)}")
 
 
 @gin.configurable(module="ul2lab")
@@ -140,65 +140,65 @@ def table_denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                   denoiser_rates: Optional[Mapping[str, float]] = None,
                   mask_fractions: Optional[Mapping[str, float]] = None,
                   mode_tokens: Optional[Mapping[str, str]] = None) -> tf.data.Dataset:
-  """Masks whole cells, rows or columns of `linearize_tables` output (see the module docstring).
+    """Masks whole cells, rows or columns of `linearize_tables` output (see the module docstring).
 
-  denoiser_rates: relative frequency of each denoiser (default equal).
-  mask_fractions: share of that denoiser's non-empty units masked, at least one (default
-    0.15 of cells, 0.2 of rows, 0.2 of columns); units are taken in random order while the targets
-    fit `sequence_length["targets"]`.
-  mode_tokens: text prepended to the inputs per denoiser, tokenized by the vocabulary
-    (default UL2's: cell → "[NLU]", row and column → "[NLG]"); "" for none.
-  """
-  denoiser_rates = dict(denoiser_rates or {d: 1.0 for d in DENOISERS})
-  mask_fractions = {"cell": 0.15, "row": 0.2, "column": 0.2, **(mask_fractions or {})}
-  mode_tokens = {"cell": objectives.MODE_TOKENS["R"], "row": objectives.MODE_TOKENS["X"],
-                 "column": objectives.MODE_TOKENS["X"], **(mode_tokens or {})}
-  _check_rates(denoiser_rates, "table denoiser_rates")
-  _check_rates(mask_fractions, "table mask_fractions")
-  vocabulary = output_features["targets"].vocabulary
-  first_sentinel = objectives.sentinel_id(vocabulary)
-  # Targets hold, per masked unit, its tokens and a sentinel, plus a closing sentinel and EOS.
-  targets_budget = sequence_length["targets"] - 2
-  if targets_budget < 2:
-    raise ValueError(f"target length {sequence_length['targets']} is too short to hold one masked "
-                     "table cell; use at least 4")
-  logits = tf.math.log(tf.constant([float(denoiser_rates.get(d, 0.0)) for d in DENOISERS]))
-  fractions = tf.constant([float(mask_fractions[d]) for d in DENOISERS])
-  modes = tf.ragged.constant([[int(i) for i in vocabulary.encode(mode_tokens[d])]
-                              if mode_tokens[d] else [] for d in DENOISERS], dtype=tf.int32)
+    denoiser_rates: relative frequency of each denoiser (default equal).
+    mask_fractions: share of that denoiser's non-empty units masked, at least one (default
+      0.15 of cells, 0.2 of rows, 0.2 of columns); units are taken in random order while the targets
+      fit `sequence_length["targets"]`.
+    mode_tokens: text prepended to the inputs per denoiser, tokenized by the vocabulary
+      (default UL2's: cell → "[NLU]", row and column → "[NLG]"); "" for none.
+    """
+    denoiser_rates = dict(denoiser_rates or {d: 1.0 for d in DENOISERS})
+    mask_fractions = {"cell": 0.15, "row": 0.2, "column": 0.2, **(mask_fractions or {})}
+    mode_tokens = {"cell": objectives.MODE_TOKENS["R"], "row": objectives.MODE_TOKENS["X"],
+                   "column": objectives.MODE_TOKENS["X"], **(mode_tokens or {})}
+    _check_rates(denoiser_rates, "table denoiser_rates")
+    _check_rates(mask_fractions, "table mask_fractions")
+    vocabulary = output_features["targets"].vocabulary
+    first_sentinel = objectives.sentinel_id(vocabulary)
+    # Targets hold, per masked unit, its tokens and a sentinel, plus a closing sentinel and EOS.
+    targets_budget = sequence_length["targets"] - 2
+    if targets_budget < 2:
+        raise ValueError(f"target length {sequence_length['targets']} is too short to hold one masked "
+                         "table cell; use at least 4")
+    logits = tf.math.log(tf.constant([float(denoiser_rates.get(d, 0.0)) for d in DENOISERS]))
+    fractions = tf.constant([float(mask_fractions[d]) for d in DENOISERS])
+    modes = tf.ragged.constant([[int(i) for i in vocabulary.encode(mode_tokens[d])]
+                                if mode_tokens[d] else [] for d in DENOISERS], dtype=tf.int32)
 
-  @seqio.map_over_dataset(num_seeds=2)
-  def mask(ex, seeds):
-    choice = tf.random.stateless_categorical(logits[None], 1, seeds[0], dtype=tf.int32)[0, 0]
-    unit = tf.gather(tf.stack([ex["cell_unit"], ex["row_unit"], ex["column_unit"]]), choice)
-    num_units = tf.reduce_max(tf.concat([unit, [-1]], 0)) + 1
-    sizes = tf.math.unsorted_segment_sum(tf.ones_like(unit), tf.where(unit >= 0, unit, num_units),
-                                         num_units + 1)[:num_units]
-    non_empty = sizes > 0
-    count = tf.maximum(1, tf.cast(tf.round(
-        fractions[choice] * tf.cast(tf.reduce_sum(tf.cast(non_empty, tf.int32)), tf.float32)),
-        tf.int32))
-    scores = tf.random.stateless_uniform([num_units], seeds[1])
-    order = tf.argsort(tf.where(non_empty, scores, 2.0))  # empty units last: nothing to predict
-    cost = tf.gather(sizes, order) + 1
-    take = ((tf.cumsum(cost) <= targets_budget) & (tf.range(num_units) < count)
-            & tf.gather(non_empty, order))
-    selected = tf.concat([tf.scatter_nd(order[:, None], take, [num_units]), [False]], 0)
-    noise_mask = tf.gather(selected, tf.where(unit >= 0, unit, num_units))  # -1: never noise
-    tokens = ex["tokens"]
-    inputs = objectives.noise_span_to_unique_sentinel(tokens, noise_mask, first_sentinel)
-    targets = objectives.nonnoise_span_to_unique_sentinel(tokens, noise_mask, first_sentinel)
-    nonnoise_starts = ~noise_mask & tf.pad(noise_mask[:-1], [[1, 0]], constant_values=True)
-    return {"inputs": tf.concat([modes[choice], inputs], 0), "targets": targets,
-            "denoiser": choice, "num_masked": tf.reduce_sum(tf.cast(take, tf.int32)),
-            "num_sentinels": tf.reduce_sum(tf.cast(nonnoise_starts, tf.int32)),  # in targets
-            "table_text": ex["table_text"]}
+    @seqio.map_over_dataset(num_seeds=2)
+    def mask(ex, seeds):
+        choice = tf.random.stateless_categorical(logits[None], 1, seeds[0], dtype=tf.int32)[0, 0]
+        unit = tf.gather(tf.stack([ex["cell_unit"], ex["row_unit"], ex["column_unit"]]), choice)
+        num_units = tf.reduce_max(tf.concat([unit, [-1]], 0)) + 1
+        sizes = tf.math.unsorted_segment_sum(tf.ones_like(unit), tf.where(unit >= 0, unit, num_units),
+                                             num_units + 1)[:num_units]
+        non_empty = sizes > 0
+        count = tf.maximum(1, tf.cast(tf.round(
+            fractions[choice] * tf.cast(tf.reduce_sum(tf.cast(non_empty, tf.int32)), tf.float32)),
+            tf.int32))
+        scores = tf.random.stateless_uniform([num_units], seeds[1])
+        order = tf.argsort(tf.where(non_empty, scores, 2.0))  # empty units last: nothing to predict
+        cost = tf.gather(sizes, order) + 1
+        take = ((tf.cumsum(cost) <= targets_budget) & (tf.range(num_units) < count)
+                & tf.gather(non_empty, order))
+        selected = tf.concat([tf.scatter_nd(order[:, None], take, [num_units]), [False]], 0)
+        noise_mask = tf.gather(selected, tf.where(unit >= 0, unit, num_units))  # -1: never noise
+        tokens = ex["tokens"]
+        inputs = objectives.noise_span_to_unique_sentinel(tokens, noise_mask, first_sentinel)
+        targets = objectives.nonnoise_span_to_unique_sentinel(tokens, noise_mask, first_sentinel)
+        nonnoise_starts = ~noise_mask & tf.pad(noise_mask[:-1], [[1, 0]], constant_values=True)
+        return {"inputs": tf.concat([modes[choice], inputs], 0), "targets": targets,
+                "denoiser": choice, "num_masked": tf.reduce_sum(tf.cast(take, tf.int32)),
+                "num_sentinels": tf.reduce_sum(tf.cast(nonnoise_starts, tf.int32)),  # in targets
+                "table_text": ex["table_text"]}
 
-  dataset = mask(dataset)
-  # A table with no maskable unit (no body rows) teaches nothing here; the MoD side still sees it.
-  # Mode tokens longer than linearize_tables' reserve would be trimmed with the EOS, and more
-  # spans than extra ids would reuse ordinary ids as sentinels (many masked columns of a long
-  # table): drop such examples rather than corrupt them.
-  return dataset.filter(lambda ex: (ex["num_masked"] > 0)
-                        & (tf.size(ex["inputs"]) < sequence_length["inputs"])
-                        & (ex["num_sentinels"] <= vocabulary.extra_ids))
+    dataset = mask(dataset)
+    # A table with no maskable unit (no body rows) teaches nothing here; the MoD side still sees it.
+    # Mode tokens longer than linearize_tables' reserve would be trimmed with the EOS, and more
+    # spans than extra ids would reuse ordinary ids as sentinels (many masked columns of a long
+    # table): drop such examples rather than corrupt them.
+    return dataset.filter(lambda ex: (ex["num_masked"] > 0)
+                          & (tf.size(ex["inputs"]) < sequence_length["inputs"])
+                          & (ex["num_sentinels"] <= vocabulary.extra_ids))

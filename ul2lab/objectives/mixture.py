@@ -33,25 +33,25 @@ from ul2lab.objectives import spans
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-  """One denoising objective of the mixture.
+    """One denoising objective of the mixture.
 
-  kind: "R" (regular span corruption), "X" (extreme: long spans or high density) or
-    "S" (sequential: prefix LM; mean_noise_span_length unused).
-  rate: relative frequency in the mixture (normalized over all denoisers).
-  mode_token: text prepended to the inputs ("[NLU]", "[NLG]", "[S2S]") or None.
-  add_sentinel: S only; end the prefix and start the targets with <extra_id_0>.
-  """
-  kind: str
-  noise_density: float
-  mean_noise_span_length: float = 0.0
-  rate: float = 1.0
-  mode_token: Optional[str] = None
-  add_sentinel: bool = False
+    kind: "R" (regular span corruption), "X" (extreme: long spans or high density) or
+      "S" (sequential: prefix LM; mean_noise_span_length unused).
+    rate: relative frequency in the mixture (normalized over all denoisers).
+    mode_token: text prepended to the inputs ("[NLU]", "[NLG]", "[S2S]") or None.
+    add_sentinel: S only; end the prefix and start the targets with <extra_id_0>.
+    """
+    kind: str
+    noise_density: float
+    mean_noise_span_length: float = 0.0
+    rate: float = 1.0
+    mode_token: Optional[str] = None
+    add_sentinel: bool = False
 
-  def __str__(self):
-    if self.kind == "S":
-      return f"S({self.noise_density:g})"
-    return f"{self.kind}({self.mean_noise_span_length:g}, {self.noise_density:g})"
+    def __str__(self):
+        if self.kind == "S":
+            return f"S({self.noise_density:g})"
+        return f"{self.kind}({self.mean_noise_span_length:g}, {self.noise_density:g})"
 
 
 MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
@@ -60,19 +60,19 @@ MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 @gin.configurable(module="ul2lab")
 def r_denoiser(mean_noise_span_length=3.0, noise_density=0.15, rate=1.0,
                mode_token=MODE_TOKENS["R"]) -> Denoiser:
-  return Denoiser("R", noise_density, mean_noise_span_length, rate, mode_token)
+    return Denoiser("R", noise_density, mean_noise_span_length, rate, mode_token)
 
 
 @gin.configurable(module="ul2lab")
 def x_denoiser(mean_noise_span_length=32.0, noise_density=0.5, rate=1.0,
                mode_token=MODE_TOKENS["X"]) -> Denoiser:
-  return Denoiser("X", noise_density, mean_noise_span_length, rate, mode_token)
+    return Denoiser("X", noise_density, mean_noise_span_length, rate, mode_token)
 
 
 @gin.configurable(module="ul2lab")
 def s_denoiser(rate=1.0, noise_density=0.5, mode_token=MODE_TOKENS["S"],
                add_sentinel=False) -> Denoiser:
-  return Denoiser("S", noise_density, 0.0, rate, mode_token, add_sentinel)
+    return Denoiser("S", noise_density, 0.0, rate, mode_token, add_sentinel)
 
 
 PRESETS = {
@@ -90,317 +90,317 @@ DenoisersArg = Union[str, Sequence[Denoiser]]
 
 
 def resolve_denoisers(denoisers: DenoisersArg) -> Tuple[Denoiser, ...]:
-  if isinstance(denoisers, str):
-    if denoisers not in PRESETS:
-      raise ValueError(f"unknown denoiser preset {denoisers!r}; choose one of {sorted(PRESETS)}"
-                       " or pass a list of Denoiser")
-    return PRESETS[denoisers]
-  return tuple(denoisers)
+    if isinstance(denoisers, str):
+        if denoisers not in PRESETS:
+            raise ValueError(f"unknown denoiser preset {denoisers!r}; choose one of {sorted(PRESETS)}"
+                             " or pass a list of Denoiser")
+        return PRESETS[denoisers]
+    return tuple(denoisers)
 
 
 @dataclasses.dataclass(frozen=True)
 class DenoiserPlan:
-  """What one denoiser does at the task's lengths (computed when the task's dataset is built).
+    """What one denoiser does at the task's lengths (computed when the task's dataset is built).
 
-  raw_length: tokens of text each example takes; inputs_length / targets_length: the most
-  tokens its inputs / targets can have, mode tokens and EOS included; max_sentinels: the
-  most sentinels one example uses.
-  """
-  denoiser: Denoiser
-  probability: float
-  mode_ids: Tuple[int, ...]
-  raw_length: int
-  inputs_length: int
-  targets_length: int
-  max_sentinels: int
+    raw_length: tokens of text each example takes; inputs_length / targets_length: the most
+    tokens its inputs / targets can have, mode tokens and EOS included; max_sentinels: the
+    most sentinels one example uses.
+    """
+    denoiser: Denoiser
+    probability: float
+    mode_ids: Tuple[int, ...]
+    raw_length: int
+    inputs_length: int
+    targets_length: int
+    max_sentinels: int
 
 
 def _validate(denoisers: Sequence[Denoiser]) -> None:
-  if not denoisers:
-    raise ValueError("the denoiser mixture is empty; give at least one Denoiser or a preset")
-  names = ", ".join(f"{d}: {d.rate:g}" for d in denoisers)
-  rates = [d.rate for d in denoisers]
-  if any(not np.isfinite(r) or r < 0 for r in rates):
-    raise ValueError(f"denoiser rates must be finite and non-negative; got {names}")
-  if sum(rates) <= 0:
-    raise ValueError(f"denoiser rates are all zero ({names}); give at least one a positive rate")
-  for d in denoisers:
-    if d.kind not in ("R", "X", "S"):
-      raise ValueError(f"denoiser kind must be 'R', 'X' or 'S', got {d.kind!r}")
-    if not 0 < d.noise_density < 1 or (d.kind == "S" and d.noise_density > 0.5):
-      raise ValueError(f"{d}: noise_density must be in (0, 1) (at most 0.5 for S), "
-                       f"got {d.noise_density}")
-    if d.kind != "S" and not d.mean_noise_span_length > 0:
-      raise ValueError(f"{d}: mean_noise_span_length must be positive")
+    if not denoisers:
+        raise ValueError("the denoiser mixture is empty; give at least one Denoiser or a preset")
+    names = ", ".join(f"{d}: {d.rate:g}" for d in denoisers)
+    rates = [d.rate for d in denoisers]
+    if any(not np.isfinite(r) or r < 0 for r in rates):
+        raise ValueError(f"denoiser rates must be finite and non-negative; got {names}")
+    if sum(rates) <= 0:
+        raise ValueError(f"denoiser rates are all zero ({names}); give at least one a positive rate")
+    for d in denoisers:
+        if d.kind not in ("R", "X", "S"):
+            raise ValueError(f"denoiser kind must be 'R', 'X' or 'S', got {d.kind!r}")
+        if not 0 < d.noise_density < 1 or (d.kind == "S" and d.noise_density > 0.5):
+            raise ValueError(f"{d}: noise_density must be in (0, 1) (at most 0.5 for S), "
+                             f"got {d.noise_density}")
+        if d.kind != "S" and not d.mean_noise_span_length > 0:
+            raise ValueError(f"{d}: mean_noise_span_length must be positive")
 
 
 def plan_denoisers(denoisers: DenoisersArg, sequence_length: Mapping[str, int], vocabulary,
                    *, mode_token_ids: Optional[Mapping[str, Sequence[int]]] = None,
                    input_feature_key: str = "inputs") -> Tuple[DenoiserPlan, ...]:
-  """Lengths of every denoiser with a positive rate; ValueError if the lengths cannot fit.
+    """Lengths of every denoiser with a positive rate; ValueError if the lengths cannot fit.
 
-  Mode tokens are tokenized by `vocabulary` unless mode_token_ids maps the mode text to
-  dedicated ids; they count against the inputs length.
-  """
-  denoisers = resolve_denoisers(denoisers)
-  _validate(denoisers)
-  if not sequence_length or input_feature_key not in sequence_length or \
-      "targets" not in sequence_length:
-    raise ValueError(f"the mixture of denoisers needs sequence lengths for "
-                     f"{input_feature_key!r} and 'targets', got {sequence_length}")
-  inputs_budget = sequence_length[input_feature_key]
-  targets_budget = sequence_length["targets"]
-  total_rate = sum(d.rate for d in denoisers)
-  plans = []
-  for d in denoisers:
-    if d.rate == 0:
-      continue
-    if d.mode_token is None:
-      mode_ids = ()
-    elif mode_token_ids and d.mode_token in mode_token_ids:
-      mode_ids = tuple(int(i) for i in mode_token_ids[d.mode_token])
-    else:
-      mode_ids = tuple(int(i) for i in vocabulary.encode(d.mode_token))
-    budget = inputs_budget - len(mode_ids)  # what is left for the corrupted text and EOS
-    if d.kind == "S":
-      # the prefix (at most raw - 1 tokens) [+ sentinel] + EOS fills the inputs budget
-      raw = budget - int(d.add_sentinel)
-      inputs_length = len(mode_ids) + raw - 1 + int(d.add_sentinel) + 1
-      targets_length = int(d.add_sentinel) + raw - 1 + 1
-      max_sentinels = int(d.add_sentinel)
-    else:
-      raw, _ = spans.random_spans_helper(budget, d.noise_density, d.mean_noise_span_length)
-      # tf.round works in float32: step back if that differs from T5's float64 helper
-      while spans.span_corruption_lengths(raw, d.noise_density,
-                                          d.mean_noise_span_length)[0] > budget:
-        raw -= 1
-      inputs_without_mode, targets_length = spans.span_corruption_lengths(
-          raw, d.noise_density, d.mean_noise_span_length)
-      inputs_length = len(mode_ids) + inputs_without_mode
-      max_sentinels = targets_length - 1 - int(
-          np.round(np.float32(raw) * np.float32(d.noise_density)))
-    if raw < 2:
-      raise ValueError(f"denoiser {d} has no room for text at inputs length {inputs_budget} "
-                       f"(mode tokens take {len(mode_ids)}); raise sequence_length"
-                       f"[{input_feature_key!r}]")
-    plans.append(DenoiserPlan(d, d.rate / total_rate, mode_ids, raw, inputs_length,
-                              targets_length, max_sentinels))
-  too_long = [p for p in plans if p.targets_length > targets_budget]
-  if too_long:
-    needs = ", ".join(f"{p.denoiser} needs {p.targets_length}" for p in too_long)
-    raise ValueError(
-        f"the task's targets length {targets_budget} is too short at inputs length "
-        f"{inputs_budget}: {needs}; set sequence_length['targets'] to at least "
-        f"{max(p.targets_length for p in too_long)} or drop those denoisers")
-  extra_ids = getattr(vocabulary, "extra_ids", None)
-  for plan in plans:
-    if extra_ids == 0 and plan.max_sentinels > 0:  # every sentinel would be an ordinary piece
-      raise ValueError(
-          f"denoiser {plan.denoiser} marks spans with sentinel ids but the vocabulary {vocabulary} "
-          "has no extra ids; give it extra ids (T5 uses 100: seqio.SentencePieceVocabulary(path, "
-          "extra_ids=100))")
-    if extra_ids is not None and plan.max_sentinels > extra_ids:
-      logging.warning(
-          "denoiser %s uses up to %d sentinels but the vocabulary has %d extra ids; the "
-          "sentinels past <extra_id_%d> reuse ordinary piece ids, as in T5", plan.denoiser,
-          plan.max_sentinels, extra_ids, extra_ids - 1)
-  return tuple(plans)
+    Mode tokens are tokenized by `vocabulary` unless mode_token_ids maps the mode text to
+    dedicated ids; they count against the inputs length.
+    """
+    denoisers = resolve_denoisers(denoisers)
+    _validate(denoisers)
+    if not sequence_length or input_feature_key not in sequence_length or \
+            "targets" not in sequence_length:
+        raise ValueError(f"the mixture of denoisers needs sequence lengths for "
+                         f"{input_feature_key!r} and 'targets', got {sequence_length}")
+    inputs_budget = sequence_length[input_feature_key]
+    targets_budget = sequence_length["targets"]
+    total_rate = sum(d.rate for d in denoisers)
+    plans = []
+    for d in denoisers:
+        if d.rate == 0:
+            continue
+        if d.mode_token is None:
+            mode_ids = ()
+        elif mode_token_ids and d.mode_token in mode_token_ids:
+            mode_ids = tuple(int(i) for i in mode_token_ids[d.mode_token])
+        else:
+            mode_ids = tuple(int(i) for i in vocabulary.encode(d.mode_token))
+        budget = inputs_budget - len(mode_ids)  # what is left for the corrupted text and EOS
+        if d.kind == "S":
+            # the prefix (at most raw - 1 tokens) [+ sentinel] + EOS fills the inputs budget
+            raw = budget - int(d.add_sentinel)
+            inputs_length = len(mode_ids) + raw - 1 + int(d.add_sentinel) + 1
+            targets_length = int(d.add_sentinel) + raw - 1 + 1
+            max_sentinels = int(d.add_sentinel)
+        else:
+            raw, _ = spans.random_spans_helper(budget, d.noise_density, d.mean_noise_span_length)
+            # tf.round works in float32: step back if that differs from T5's float64 helper
+            while spans.span_corruption_lengths(raw, d.noise_density,
+                                                d.mean_noise_span_length)[0] > budget:
+                raw -= 1
+            inputs_without_mode, targets_length = spans.span_corruption_lengths(
+                raw, d.noise_density, d.mean_noise_span_length)
+            inputs_length = len(mode_ids) + inputs_without_mode
+            max_sentinels = targets_length - 1 - int(
+                np.round(np.float32(raw) * np.float32(d.noise_density)))
+        if raw < 2:
+            raise ValueError(f"denoiser {d} has no room for text at inputs length {inputs_budget} "
+                             f"(mode tokens take {len(mode_ids)}); raise sequence_length"
+                             f"[{input_feature_key!r}]")
+        plans.append(DenoiserPlan(d, d.rate / total_rate, mode_ids, raw, inputs_length,
+                                  targets_length, max_sentinels))
+    too_long = [p for p in plans if p.targets_length > targets_budget]
+    if too_long:
+        needs = ", ".join(f"{p.denoiser} needs {p.targets_length}" for p in too_long)
+        raise ValueError(
+            f"the task's targets length {targets_budget} is too short at inputs length "
+            f"{inputs_budget}: {needs}; set sequence_length['targets'] to at least "
+            f"{max(p.targets_length for p in too_long)} or drop those denoisers")
+    extra_ids = getattr(vocabulary, "extra_ids", None)
+    for plan in plans:
+        if extra_ids == 0 and plan.max_sentinels > 0:  # every sentinel would be an ordinary piece
+            raise ValueError(
+                f"denoiser {plan.denoiser} marks spans with sentinel ids but the vocabulary {vocabulary} "
+                "has no extra ids; give it extra ids (T5 uses 100: seqio.SentencePieceVocabulary(path, "
+                "extra_ids=100))")
+        if extra_ids is not None and plan.max_sentinels > extra_ids:
+            logging.warning(
+                "denoiser %s uses up to %d sentinels but the vocabulary has %d extra ids; the "
+                "sentinels past <extra_id_%d> reuse ordinary piece ids, as in T5", plan.denoiser,
+                plan.max_sentinels, extra_ids, extra_ids - 1)
+    return tuple(plans)
 
 
 # --------------------------------------------------------------------- skipped text
 
 
 class SkippedText:
-  """Counts of text the mixture could not use, updated while the dataset is read.
+    """Counts of text the mixture could not use, updated while the dataset is read.
 
-  empty_documents: documents with no tokens; short_documents: documents (or, when
-  documents are concatenated, whole blocks of them) shorter than the raw length of the
-  denoiser drawn for them; unused_tokens: tokens left out (short documents and the
-  end of every block that does not fill a whole segment).
-  """
-  FIELDS = ("empty_documents", "short_documents", "unused_tokens")
+    empty_documents: documents with no tokens; short_documents: documents (or, when
+    documents are concatenated, whole blocks of them) shorter than the raw length of the
+    denoiser drawn for them; unused_tokens: tokens left out (short documents and the
+    end of every block that does not fill a whole segment).
+    """
+    FIELDS = ("empty_documents", "short_documents", "unused_tokens")
 
-  def __init__(self):
-    self._lock = threading.Lock()
-    self.reset()
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
 
-  def reset(self):
-    with self._lock:
-      self.counts = {k: 0 for k in self.FIELDS}
+    def reset(self):
+        with self._lock:
+            self.counts = {k: 0 for k in self.FIELDS}
 
-  def add(self, field: str, amount: int) -> None:
-    with self._lock:
-      self.counts[field] += int(amount)
+    def add(self, field: str, amount: int) -> None:
+        with self._lock:
+            self.counts[field] += int(amount)
 
-  def __getitem__(self, field):
-    return self.counts[field]
+    def __getitem__(self, field):
+        return self.counts[field]
 
-  def __repr__(self):
-    return f"SkippedText({self.counts})"
+    def __repr__(self):
+        return f"SkippedText({self.counts})"
 
 
 SKIPPED_TEXT = SkippedText()  # the default counter of every mixture_of_denoisers pipeline
 
 
 def _count(counter: SkippedText, field: str, amount, when) -> tf.Tensor:
-  """Adds `amount` to counter[field] when `when` is true; returns a tensor to depend on."""
+    """Adds `amount` to counter[field] when `when` is true; returns a tensor to depend on."""
 
-  def add():
-    def bump(a):
-      counter.add(field, a.numpy())
-      return True
-    return tf.py_function(bump, [amount], tf.bool)
+    def add():
+        def bump(a):
+            counter.add(field, a.numpy())
+            return True
+        return tf.py_function(bump, [amount], tf.bool)
 
-  return tf.cond(when, add, lambda: tf.constant(True))
+    return tf.cond(when, add, lambda: tf.constant(True))
 
 
 # --------------------------------------------------------------------- pipeline steps
 
 
 def concatenate_documents(dataset, documents_per_block: int, feature_key="targets"):
-  """Blocks of up to documents_per_block documents' tokens, end to end (T5 style).
+    """Blocks of up to documents_per_block documents' tokens, end to end (T5 style).
 
-  Each block also carries how many documents it holds and how many of them were empty.
-  """
-  if documents_per_block == 1:
-    return dataset.map(
-        lambda f: {feature_key: f[feature_key], "num_documents": 1,
-                   "num_empty_documents": tf.cast(tf.equal(tf.size(f[feature_key]), 0), tf.int32)},
-        num_parallel_calls=tf.data.AUTOTUNE)
+    Each block also carries how many documents it holds and how many of them were empty.
+    """
+    if documents_per_block == 1:
+        return dataset.map(
+            lambda f: {feature_key: f[feature_key], "num_documents": 1,
+                       "num_empty_documents": tf.cast(tf.equal(tf.size(f[feature_key]), 0), tf.int32)},
+            num_parallel_calls=tf.data.AUTOTUNE)
 
-  def concat(features):
-    # padded_batch is much faster than ragged_batch; padding is 0 (<pad>), never a text token
-    tokens = features[feature_key]
-    is_token = tf.not_equal(tokens, 0)
-    document_lengths = tf.reduce_sum(tf.cast(is_token, tf.int32), axis=1)
-    return {feature_key: tf.boolean_mask(tokens, is_token),
-            "num_documents": tf.shape(tokens)[0],
-            "num_empty_documents": tf.reduce_sum(tf.cast(document_lengths == 0, tf.int32))}
+    def concat(features):
+        # padded_batch is much faster than ragged_batch; padding is 0 (<pad>), never a text token
+        tokens = features[feature_key]
+        is_token = tf.not_equal(tokens, 0)
+        document_lengths = tf.reduce_sum(tf.cast(is_token, tf.int32), axis=1)
+        return {feature_key: tf.boolean_mask(tokens, is_token),
+                "num_documents": tf.shape(tokens)[0],
+                "num_empty_documents": tf.reduce_sum(tf.cast(document_lengths == 0, tf.int32))}
 
-  dataset = dataset.map(lambda f: {feature_key: f[feature_key]},
-                        num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.padded_batch(documents_per_block).map(concat,
-                                                       num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(lambda f: {feature_key: f[feature_key]},
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.padded_batch(documents_per_block).map(concat,
+                                                         num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def split_into_segments(dataset, plans: Sequence[DenoiserPlan], counter: SkippedText,
                         feature_key="targets"):
-  """Cuts every block into segments, each of the raw length of a denoiser drawn by rate.
+    """Cuts every block into segments, each of the raw length of a denoiser drawn by rate.
 
-  Denoisers are drawn in sequence for the block; segments are cut while the next drawn
-  denoiser's raw length still fits, and the rest of the block is left out (counted).
-  Each output element is one block: {"targets": [segments, None] ragged, "denoiser": [segments]}.
-  """
-  raw_lengths = tf.constant([p.raw_length for p in plans], tf.int32)
-  log_probs = tf.math.log(tf.constant([[p.probability for p in plans]], tf.float32))
-  shortest = min(p.raw_length for p in plans)
+    Denoisers are drawn in sequence for the block; segments are cut while the next drawn
+    denoiser's raw length still fits, and the rest of the block is left out (counted).
+    Each output element is one block: {"targets": [segments, None] ragged, "denoiser": [segments]}.
+    """
+    raw_lengths = tf.constant([p.raw_length for p in plans], tf.int32)
+    log_probs = tf.math.log(tf.constant([[p.probability for p in plans]], tf.float32))
+    shortest = min(p.raw_length for p in plans)
 
-  @seqio.map_over_dataset(num_seeds=1)
-  def split(features, seed):
-    tokens = features[feature_key]
-    num_tokens = tf.size(tokens)
-    num_draws = num_tokens // shortest + 1  # always one more draw than segments fit
-    choices = tf.cast(tf.random.stateless_categorical(log_probs, num_draws, seed)[0], tf.int32)
-    ends = tf.cumsum(tf.gather(raw_lengths, choices))
-    num_segments = tf.reduce_sum(tf.cast(ends <= num_tokens, tf.int32))
-    choices = choices[:num_segments]
-    lengths = tf.gather(raw_lengths, choices)
-    used = tf.reduce_sum(lengths)
-    num_empty = features["num_empty_documents"]
-    counted = [_count(counter, "empty_documents", num_empty, num_empty > 0),
-               _count(counter, "short_documents", features["num_documents"] - num_empty,
-                      tf.logical_and(tf.equal(num_segments, 0), num_tokens > 0)),
-               _count(counter, "unused_tokens", num_tokens - used, used < num_tokens)]
-    with tf.control_dependencies(counted):
-      segments = tf.RaggedTensor.from_row_lengths(tokens[:used], lengths)
-    return {feature_key: segments, "denoiser": choices}
+    @seqio.map_over_dataset(num_seeds=1)
+    def split(features, seed):
+        tokens = features[feature_key]
+        num_tokens = tf.size(tokens)
+        num_draws = num_tokens // shortest + 1  # always one more draw than segments fit
+        choices = tf.cast(tf.random.stateless_categorical(log_probs, num_draws, seed)[0], tf.int32)
+        ends = tf.cumsum(tf.gather(raw_lengths, choices))
+        num_segments = tf.reduce_sum(tf.cast(ends <= num_tokens, tf.int32))
+        choices = choices[:num_segments]
+        lengths = tf.gather(raw_lengths, choices)
+        used = tf.reduce_sum(lengths)
+        num_empty = features["num_empty_documents"]
+        counted = [_count(counter, "empty_documents", num_empty, num_empty > 0),
+                   _count(counter, "short_documents", features["num_documents"] - num_empty,
+                          tf.logical_and(tf.equal(num_segments, 0), num_tokens > 0)),
+                   _count(counter, "unused_tokens", num_tokens - used, used < num_tokens)]
+        with tf.control_dependencies(counted):
+            segments = tf.RaggedTensor.from_row_lengths(tokens[:used], lengths)
+        return {feature_key: segments, "denoiser": choices}
 
-  return split(dataset)
+    return split(dataset)
 
 
 def denoise_segments(dataset, plans: Sequence[DenoiserPlan], first_sentinel_id: int, *,
                      input_feature_key="inputs", feature_key="targets",
                      denoiser_feature_key: Optional[str] = None):
-  """Applies each segment's denoiser and prepends its mode tokens; one example per segment.
+    """Applies each segment's denoiser and prepends its mode tokens; one example per segment.
 
-  Works a block at a time: all segments of one denoiser in a block share a length, so they
-  are corrupted together as one [segments, raw_length] batch (far fewer TF ops per example
-  than one call per segment); examples come out in the order the segments were cut.
-  """
-  inputs_width = max(p.inputs_length for p in plans)  # EOS included: one spare column
-  targets_width = max(p.targets_length for p in plans)
-  sentinel = tf.constant(first_sentinel_id, tf.int32)
+    Works a block at a time: all segments of one denoiser in a block share a length, so they
+    are corrupted together as one [segments, raw_length] batch (far fewer TF ops per example
+    than one call per segment); examples come out in the order the segments were cut.
+    """
+    inputs_width = max(p.inputs_length for p in plans)  # EOS included: one spare column
+    targets_width = max(p.targets_length for p in plans)
+    sentinel = tf.constant(first_sentinel_id, tf.int32)
 
-  def span_corruption(plan, tokens, seeds):
-    d, batch_size = plan.denoiser, tf.shape(tokens)[0]
-    noise = spans.random_spans_noise_mask_batch(batch_size, plan.raw_length, d.noise_density,
-                                                seeds, d.mean_noise_span_length)
-    # every segment of this denoiser has the same number of kept tokens
-    inputs_length, targets_length = (n - 1 for n in spans.span_corruption_lengths(
-        plan.raw_length, d.noise_density, d.mean_noise_span_length))
-    replaced, keep = spans.replace_noise_spans(tokens, noise, sentinel)
-    inputs = tf.reshape(tf.boolean_mask(replaced, keep), [batch_size, inputs_length])
-    replaced, keep = spans.replace_noise_spans(tokens, tf.logical_not(noise), sentinel)
-    targets = tf.reshape(tf.boolean_mask(replaced, keep), [batch_size, targets_length])
-    return (inputs, tf.fill([batch_size], inputs_length),
-            targets, tf.fill([batch_size], targets_length))
+    def span_corruption(plan, tokens, seeds):
+        d, batch_size = plan.denoiser, tf.shape(tokens)[0]
+        noise = spans.random_spans_noise_mask_batch(batch_size, plan.raw_length, d.noise_density,
+                                                    seeds, d.mean_noise_span_length)
+        # every segment of this denoiser has the same number of kept tokens
+        inputs_length, targets_length = (n - 1 for n in spans.span_corruption_lengths(
+            plan.raw_length, d.noise_density, d.mean_noise_span_length))
+        replaced, keep = spans.replace_noise_spans(tokens, noise, sentinel)
+        inputs = tf.reshape(tf.boolean_mask(replaced, keep), [batch_size, inputs_length])
+        replaced, keep = spans.replace_noise_spans(tokens, tf.logical_not(noise), sentinel)
+        targets = tf.reshape(tf.boolean_mask(replaced, keep), [batch_size, targets_length])
+        return (inputs, tf.fill([batch_size], inputs_length),
+                targets, tf.fill([batch_size], targets_length))
 
-  def prefix_lm(plan, tokens, seeds):
-    d, batch_size = plan.denoiser, tf.shape(tokens)[0]
-    prefix = tf.reduce_sum(tf.cast(spans.random_prefix_noise_mask_batch(
-        batch_size, plan.raw_length, d.noise_density, seeds), tf.int32), axis=1)
-    columns = tf.range(plan.raw_length + 1)[None]
-    padded = tf.pad(tokens, [[0, 0], [0, 1]])
-    # inputs: the prefix (left-aligned already) [+ sentinel]; targets: [sentinel +] suffix
-    suffix = tf.gather(padded, tf.minimum(columns + prefix[:, None], plan.raw_length),
-                       batch_dims=1)
-    if d.add_sentinel:
-      inputs = tf.where(columns == prefix[:, None], sentinel, padded)
-      targets = tf.concat([tf.fill([batch_size, 1], sentinel), suffix[:, :-1]], axis=1)
-    else:
-      inputs, targets = padded, suffix
-    extra = int(d.add_sentinel)
-    return inputs, prefix + extra, targets, plan.raw_length - prefix + extra
+    def prefix_lm(plan, tokens, seeds):
+        d, batch_size = plan.denoiser, tf.shape(tokens)[0]
+        prefix = tf.reduce_sum(tf.cast(spans.random_prefix_noise_mask_batch(
+            batch_size, plan.raw_length, d.noise_density, seeds), tf.int32), axis=1)
+        columns = tf.range(plan.raw_length + 1)[None]
+        padded = tf.pad(tokens, [[0, 0], [0, 1]])
+        # inputs: the prefix (left-aligned already) [+ sentinel]; targets: [sentinel +] suffix
+        suffix = tf.gather(padded, tf.minimum(columns + prefix[:, None], plan.raw_length),
+                           batch_dims=1)
+        if d.add_sentinel:
+            inputs = tf.where(columns == prefix[:, None], sentinel, padded)
+            targets = tf.concat([tf.fill([batch_size, 1], sentinel), suffix[:, :-1]], axis=1)
+        else:
+            inputs, targets = padded, suffix
+        extra = int(d.add_sentinel)
+        return inputs, prefix + extra, targets, plan.raw_length - prefix + extra
 
-  def denoise_batch(plan, tokens, seed):
-    """[n, raw_length] tokens → inputs, targets padded to the widest denoiser, + lengths."""
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    corrupt = prefix_lm if plan.denoiser.kind == "S" else span_corruption
-    inputs, inputs_length, targets, targets_length = corrupt(plan, tokens, seeds)
-    if plan.mode_ids:
-      mode = tf.tile(tf.constant([plan.mode_ids], tf.int32), [tf.shape(tokens)[0], 1])
-      inputs = tf.concat([mode, inputs], axis=1)
-      inputs_length += len(plan.mode_ids)
-    # the valid tokens of a row never pass its plan's lengths, which are within the widths
-    inputs = inputs[:, :inputs_width]
-    targets = targets[:, :targets_width]
-    inputs = tf.pad(inputs, [[0, 0], [0, inputs_width - tf.shape(inputs)[1]]])
-    targets = tf.pad(targets, [[0, 0], [0, targets_width - tf.shape(targets)[1]]])
-    return inputs, inputs_length, targets, targets_length
+    def denoise_batch(plan, tokens, seed):
+        """[n, raw_length] tokens → inputs, targets padded to the widest denoiser, + lengths."""
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        corrupt = prefix_lm if plan.denoiser.kind == "S" else span_corruption
+        inputs, inputs_length, targets, targets_length = corrupt(plan, tokens, seeds)
+        if plan.mode_ids:
+            mode = tf.tile(tf.constant([plan.mode_ids], tf.int32), [tf.shape(tokens)[0], 1])
+            inputs = tf.concat([mode, inputs], axis=1)
+            inputs_length += len(plan.mode_ids)
+        # the valid tokens of a row never pass its plan's lengths, which are within the widths
+        inputs = inputs[:, :inputs_width]
+        targets = targets[:, :targets_width]
+        inputs = tf.pad(inputs, [[0, 0], [0, inputs_width - tf.shape(inputs)[1]]])
+        targets = tf.pad(targets, [[0, 0], [0, targets_width - tf.shape(targets)[1]]])
+        return inputs, inputs_length, targets, targets_length
 
-  @seqio.map_over_dataset(num_seeds=1)
-  def denoise(features, seed):
-    segments = tf.cast(features[feature_key], tf.int32)
-    choices = features["denoiser"]
-    seeds = tf.random.experimental.stateless_split(seed, len(plans))
-    parts = []
-    for d, plan in enumerate(plans):
-      rows = tf.where(tf.equal(choices, d))[:, 0]
-      tokens = tf.reshape(tf.gather(segments, rows).flat_values, [-1, plan.raw_length])
-      parts.append((rows,) + denoise_batch(plan, tokens, seeds[d]))
-    rows, inputs, inputs_length, targets, targets_length = (tf.concat(x, 0) for x in zip(*parts))
-    restore = tf.argsort(rows)  # back to the order in which the segments were cut
-    out = {
-        input_feature_key: tf.RaggedTensor.from_tensor(
-            tf.gather(inputs, restore), lengths=tf.gather(inputs_length, restore)),
-        feature_key: tf.RaggedTensor.from_tensor(
-            tf.gather(targets, restore), lengths=tf.gather(targets_length, restore)),
-    }
-    if denoiser_feature_key:
-      out[denoiser_feature_key] = choices
-    return out
+    @seqio.map_over_dataset(num_seeds=1)
+    def denoise(features, seed):
+        segments = tf.cast(features[feature_key], tf.int32)
+        choices = features["denoiser"]
+        seeds = tf.random.experimental.stateless_split(seed, len(plans))
+        parts = []
+        for d, plan in enumerate(plans):
+            rows = tf.where(tf.equal(choices, d))[:, 0]
+            tokens = tf.reshape(tf.gather(segments, rows).flat_values, [-1, plan.raw_length])
+            parts.append((rows,) + denoise_batch(plan, tokens, seeds[d]))
+        rows, inputs, inputs_length, targets, targets_length = (tf.concat(x, 0) for x in zip(*parts))
+        restore = tf.argsort(rows)  # back to the order in which the segments were cut
+        out = {
+            input_feature_key: tf.RaggedTensor.from_tensor(
+                tf.gather(inputs, restore), lengths=tf.gather(inputs_length, restore)),
+            feature_key: tf.RaggedTensor.from_tensor(
+                tf.gather(targets, restore), lengths=tf.gather(targets_length, restore)),
+        }
+        if denoiser_feature_key:
+            out[denoiser_feature_key] = choices
+        return out
 
-  return denoise(dataset).unbatch()
+    return denoise(dataset).unbatch()
 
 
 @gin.configurable(module="ul2lab")
@@ -415,31 +415,31 @@ def mixture_of_denoisers(dataset: tf.data.Dataset,
                          input_feature_key: str = "inputs",
                          denoiser_feature_key: Optional[str] = None,
                          skipped_text: Optional[SkippedText] = None) -> tf.data.Dataset:
-  """seqio preprocessor: tokenized documents in "targets" → UL2 denoising examples.
+    """seqio preprocessor: tokenized documents in "targets" → UL2 denoising examples.
 
-  Place it after seqio.preprocessors.tokenize and before
-  seqio.preprocessors.append_eos_after_trim, as T5's span_corruption.
+    Place it after seqio.preprocessors.tokenize and before
+    seqio.preprocessors.append_eos_after_trim, as T5's span_corruption.
 
-  denoisers: a preset name ("UL2", "UL2R", "T5") or a sequence of Denoiser.
-  mode_token_ids: {mode text: ids} to use dedicated ids instead of tokenizing the mode text.
-  merge_examples_to_reduce_padding: concatenate documents_per_block documents before
-    cutting segments (T5's default); if False each document is cut on its own and
-    documents shorter than their denoiser's raw length are skipped.
-  denoiser_feature_key: also output the index of each example's denoiser under this key.
-  skipped_text: counter of unused text (default: the module-wide SKIPPED_TEXT).
-  """
-  vocabulary = output_features["targets"].vocabulary
-  if input_feature_key in output_features and \
-      output_features[input_feature_key].vocabulary != vocabulary:
-    raise ValueError("the mixture of denoisers builds inputs from the targets' tokens, so "
-                     f"{input_feature_key!r} and 'targets' must share one vocabulary")
-  plans = plan_denoisers(denoisers, sequence_length, vocabulary, mode_token_ids=mode_token_ids,
-                         input_feature_key=input_feature_key)
-  counter = SKIPPED_TEXT if skipped_text is None else skipped_text
+    denoisers: a preset name ("UL2", "UL2R", "T5") or a sequence of Denoiser.
+    mode_token_ids: {mode text: ids} to use dedicated ids instead of tokenizing the mode text.
+    merge_examples_to_reduce_padding: concatenate documents_per_block documents before
+      cutting segments (T5's default); if False each document is cut on its own and
+      documents shorter than their denoiser's raw length are skipped.
+    denoiser_feature_key: also output the index of each example's denoiser under this key.
+    skipped_text: counter of unused text (default: the module-wide SKIPPED_TEXT).
+    """
+    vocabulary = output_features["targets"].vocabulary
+    if input_feature_key in output_features and \
+            output_features[input_feature_key].vocabulary != vocabulary:
+        raise ValueError("the mixture of denoisers builds inputs from the targets' tokens, so "
+                         f"{input_feature_key!r} and 'targets' must share one vocabulary")
+    plans = plan_denoisers(denoisers, sequence_length, vocabulary, mode_token_ids=mode_token_ids,
+                           input_feature_key=input_feature_key)
+    counter = SKIPPED_TEXT if skipped_text is None else skipped_text
 
-  dataset = concatenate_documents(
-      dataset, documents_per_block if merge_examples_to_reduce_padding else 1)
-  dataset = split_into_segments(dataset, plans, counter)
-  return denoise_segments(dataset, plans, spans.sentinel_id(vocabulary),
-                          input_feature_key=input_feature_key,
-                          denoiser_feature_key=denoiser_feature_key)
+    dataset = concatenate_documents(
+        dataset, documents_per_block if merge_examples_to_reduce_padding else 1)
+    dataset = split_into_segments(dataset, plans, counter)
+    return denoise_segments(dataset, plans, spans.sentinel_id(vocabulary),
+                            input_feature_key=input_feature_key,
+                            denoiser_feature_key=denoiser_feature_key)
