@@ -155,18 +155,6 @@ def beam_search(step_fn: StepFn, cache, batch_size: int, beam_size: int, max_dec
 
 # ---------------------------------------------------------------------------- the Transformer
 
-def decoder_step_fn(config: T5Config, params, encoded, encoder_input_tokens, max_decode_length: int) -> StepFn:
-    """One cached decoder step of the Transformer: (tokens [n, 1], cache) -> (logits [n, vocab], cache)."""
-    model = Transformer(config)
-
-    def step_fn(tokens, cache):
-        logits, variables = model.apply(
-            {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens, tokens,
-            decode=True, max_decode_length=max_decode_length, mutable=["cache"], method=Transformer.decode)
-        return logits[:, -1], variables["cache"]
-    return step_fn
-
-
 @functools.partial(jax.jit, static_argnames=("config", "max_decode_length", "beam_size", "eos_id"))
 def beam_search_predict(params, config: T5Config, encoder_input_tokens, max_decode_length: int,
                         beam_size: int = 4, alpha: float = 0.6, eos_id: int = 1):
@@ -175,7 +163,7 @@ def beam_search_predict(params, config: T5Config, encoder_input_tokens, max_deco
     inputs = jnp.repeat(encoder_input_tokens, beam_size, axis=0)   # row b*beam_size + k
     encoded = Transformer(config).apply({"params": params}, inputs, method=Transformer.encode)
     cache = decoding.init_cache(config, params, inputs, max_decode_length)
-    step_fn = decoder_step_fn(config, params, encoded, inputs, max_decode_length)
+    step_fn = decoding.decoder_step_fn(config, params, encoded, inputs, max_decode_length)
     return beam_search(step_fn, cache, batch, beam_size, max_decode_length, alpha, eos_id)
 
 
@@ -185,7 +173,7 @@ def sample_predict(params, config: T5Config, encoder_input_tokens, max_decode_le
     """(tokens [batch, length], log-likelihood [batch]) sampled with temperature / top-k / top-p."""
     encoded = Transformer(config).apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
     cache = decoding.init_cache(config, params, encoder_input_tokens, max_decode_length)
-    step_fn = decoder_step_fn(config, params, encoded, encoder_input_tokens, max_decode_length)
+    step_fn = decoding.decoder_step_fn(config, params, encoded, encoder_input_tokens, max_decode_length)
     return sample_decode(step_fn, cache, encoder_input_tokens.shape[0], max_decode_length, rng,
                          temperature, top_k, top_p, eos_id)
 
