@@ -41,5 +41,5 @@ setup(
     package_dir={"ul2lab_tasks": "tasks"},
     install_requires=CORE + DATA,
     extras_require={"hf": HF, "test": TEST},
-    entry_points={"console_scripts": ["ul2lab=ul2lab.cli:main"]},
+    entry_points={"console_scripts": ["ul2lab=ul2lab.cli.main:main"]},
 )

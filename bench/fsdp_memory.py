@@ -2,7 +2,7 @@
 
     python bench/fsdp_memory.py --models t5_1_1_base t5_1_1_large t5_1_1_xl
 
-Nothing is trained or allocated: `ul2lab.memory.compiled_state_memory` compiles the trainer's step
+Nothing is trained or allocated: `ul2lab.train.memory.compiled_state_memory` compiles the trainer's step
 for abstract arrays over 8 host CPU devices and reads the TrainState bytes one device holds from
 XLA's memory analysis. The same step compiled with replicated parameters (mesh data=8, standard
 rules) gives the replicated total.
@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ul2lab import memory  # noqa: E402
+from ul2lab.train import memory  # noqa: E402
 from ul2lab.models.config import preset  # noqa: E402
 
 

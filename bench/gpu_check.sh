@@ -75,8 +75,9 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "bench")
 from train_throughput import synthetic_batch
-from ul2lab import train_step
-from ul2lab.models import layers, loss as loss_lib, network, preset
+from ul2lab.train import step as train_step
+from ul2lab.models import layers, loss as loss_lib, network
+from ul2lab.models.config import preset
 
 if jax.default_backend() == "cpu":  # dry run of the same code path without a GPU
     layers.FUSED_ATTENTION_BACKEND = "xla"

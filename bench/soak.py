@@ -46,7 +46,8 @@ def synthetic_batch(index: int, batch_size: int = 8, length: int = 32, vocab_siz
 
 def child(args) -> int:
     import jax
-    from ul2lab import schedules, train_cli, trainer
+    from ul2lab.runs import train as train_run
+    from ul2lab.train import schedules, trainer
     from ul2lab.models.config import preset
 
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)

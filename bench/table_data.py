@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ul2lab import linearize as lin  # pylint: disable=g-import-not-at-top
-from ul2lab import metrics
-from ul2lab import tables
+from ul2lab.data import linearize as lin  # pylint: disable=g-import-not-at-top
+from ul2lab.data import metrics
+from ul2lab.data import tables
 
 
 def _kept_cells(result: lin.Linearized) -> list[str]:
@@ -109,7 +109,7 @@ def main():
         import seqio  # pylint: disable=g-import-not-at-top
         vocabulary = seqio.SentencePieceVocabulary(args.vocab, extra_ids=100)
     else:
-        from ul2lab import vocab  # pylint: disable=g-import-not-at-top
+        from ul2lab.data import vocab  # pylint: disable=g-import-not-at-top
         vocabulary = vocab.embedded_vocabulary()
     print(json.dumps(report(args.data_dir, vocabulary, args.inputs_length, args.limit), indent=1))
 

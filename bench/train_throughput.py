@@ -3,7 +3,7 @@
     python bench/train_throughput.py --model t5_1_1_base --batch_size 128 --attention_impl cudnn \
         --remat_policy dots_with_no_batch_dims_saveable --steps 20 --peer hf --peer_compile
 
-What is timed is exactly what `ul2lab.trainer.train` runs: the TrainState laid out by
+What is timed is exactly what `ul2lab.train.loop.train` runs: the TrainState laid out by
 `trainer.state_layout`, the step from `train_step.build_train_step` with the trainer's shardings
 (`memory.abstract_train_step`), traced under the same logical axis rules. Only the data differs: full-length random tokens, two packed examples per row (segment
 ids 1 and 2), generated on the devices with the batch sharding before the timed loop, so no
@@ -31,7 +31,8 @@ if any(a == "--peer" or a.startswith("--peer=") for a in sys.argv):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ul2lab import flops, memory, optimizers, partitioning, trainer  # noqa: E402
+from ul2lab.train import flops, memory, optimizers, partitioning  # noqa: E402
+from ul2lab.train import loop as trainer  # noqa: E402
 from ul2lab.models.config import PRESETS, preset  # noqa: E402
 
 
@@ -88,14 +89,15 @@ def run_ours(args, model) -> dict:
     mesh_shape = parse_mesh(args.mesh)
     rules_name = rules_for(mesh_shape, args.rules)
     try:
-        step = memory.abstract_train_step(model, args.optimizer, args.batch_size, args.inputs_length,
-                                          args.targets_length, mesh_shape, rules_name)
+        setup, abstract_batch = memory.abstract_train_step(model, args.optimizer, args.batch_size,
+                                                           args.inputs_length, args.targets_length, mesh_shape,
+                                                           rules_name)
     except ValueError as error:  # mesh sizes vs devices, batch vs data-parallel size
         raise SystemExit(f"train_throughput.py: {error}")
-    mesh, batch_sharding = step.mesh, step.batch_sharding
-    init = trainer.new_state_fn(model, step.seed, step.optimizer, step.state_shardings)
+    mesh, batch_sharding = setup.mesh, setup.batch_sharding
+    init = state_lib.new_state_fn(model, 0, setup.optimizer, setup.state_shardings)
     start = time.perf_counter()
-    compiled = step.compile()
+    compiled = memory.compile_step(setup, abstract_batch)
     compile_s = time.perf_counter() - start
     make_batch = jax.jit(synthetic_batch, static_argnums=(1, 2, 3, 4), out_shardings=batch_sharding)
     # a few distinct batches, already on the devices: the timed loop only launches steps
@@ -146,7 +148,7 @@ def run_hf_peer(args, model) -> dict:
     import torch
     import transformers
 
-    from ul2lab import hf
+    from ul2lab.interop import hf
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = {k: v for k, v in hf._config_to_hf(model).items() if k not in ("architectures", "dtype")}
@@ -235,7 +237,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="compute dtype (default: the preset's; params stay float32)")
     parser.add_argument("--peak_flops", type=float, default=None,
-                        help="peak FLOP/s per device for MFU (default: ul2lab.flops table)")
+                        help="peak FLOP/s per device for MFU (default: ul2lab.train.flops table)")
     parser.add_argument("--peer", choices=("hf",), default=None, help="also run HF transformers T5")
     parser.add_argument("--peer_compile", action="store_true", help="torch.compile the HF model")
     parser.add_argument("--skip_ours", action="store_true", help="run only the peer")

@@ -23,7 +23,7 @@ import tempfile
 import yaml
 
 # what `ul2lab train` exits with when it saved a checkpoint on SIGTERM (128 + SIGTERM);
-# ul2lab.trainer.PREEMPTED_EXIT_CODE, not imported here so the launcher needs no jax
+# ul2lab.train.loop.PREEMPTED_EXIT_CODE, not imported here so the launcher needs no jax
 PREEMPTED_EXIT_CODE = 143
 
 

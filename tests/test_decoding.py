@@ -3,7 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ul2lab.models import T5Config, Transformer, greedy_decode, init_params
+from ul2lab.models.config import T5Config
+from ul2lab.models.decoding import greedy_decode
+from ul2lab.models.network import Transformer, init_params
 
 MAX_LEN = 10
 

@@ -1,7 +1,7 @@
 """Training FLOPs against the issue's T5 figures, and the MFU arithmetic."""
 import pytest
 
-from ul2lab import flops
+from ul2lab.train import flops
 from ul2lab.models.config import preset
 
 

@@ -9,8 +9,9 @@ import jax
 import pytest
 from flax import linen as nn
 
-from ul2lab import memory
-from ul2lab.models import abstract_params, preset
+from ul2lab.train import memory
+from ul2lab.models.config import preset
+from ul2lab.models.network import abstract_params
 
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])

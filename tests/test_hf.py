@@ -17,9 +17,10 @@ transformers = pytest.importorskip("transformers")
 from flax import traverse_util  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from ul2lab import checkpoints, hf  # noqa: E402
-from ul2lab.cli import main  # noqa: E402
-from ul2lab.models import Transformer, init_params  # noqa: E402
+from ul2lab.train import checkpoints  # noqa: E402
+from ul2lab.interop import hf  # noqa: E402
+from ul2lab.cli.main import main  # noqa: E402
+from ul2lab.models.network import Transformer, init_params  # noqa: E402
 from ul2lab.models.decoding import greedy_decode  # noqa: E402
 
 VOCAB = 320

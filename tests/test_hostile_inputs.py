@@ -14,10 +14,13 @@ import uuid
 import numpy as np
 import pytest
 
-from ul2lab import checkpoints, linearize, schedules, tables, text_sources, trainer
-from ul2lab.cli import UserError
+from ul2lab.train import checkpoints, schedules
+from ul2lab.train import loop as trainer
+from ul2lab.data import linearize, tables, text_sources
+from ul2lab.errors import UserError
 from ul2lab.models.config import preset
-from ul2lab.objectives import mixture
+from ul2lab.runs import train as train_run
+from ul2lab.data.objectives import mixture
 
 DOC = ("The data give the number of cases of a disease in each county of a state over ten years, "
        "with the population of each county and the year in which the count was made. ") * 4
@@ -75,15 +78,15 @@ def check_run(before=None, **overrides):
                         mesh_shape={"data": 1, "fsdp": 1, "model": 1})
         with_task = overrides.pop("with_task", False)
         settings.update({k: (v(tmp_path) if callable(v) else v) for k, v in overrides.items()})
-        trainer.check(trainer.TrainConfig(**settings), with_task=with_task)
+        config = trainer.TrainConfig(**settings)
+        train_run.check(config) if with_task else trainer.check(config)
         assert not os.path.exists(settings["model_dir"]) or os.path.isfile(settings["model_dir"])
     return make
 
 
 def gin_config(*bindings):
     def make(tmp_path, request):
-        from ul2lab import train_cli
-        return train_cli.load_train_config(["models/t5_1_1_tiny.gin", "runs/pretrain_ul2.gin"],
+        return train_run.load_train_config(["models/t5_1_1_tiny.gin", "runs/pretrain_ul2.gin"],
                                            [f"MODEL_DIR = '{tmp_path}/run'", *bindings])
     return make
 
@@ -182,7 +185,7 @@ def wide_table_through_the_table_objective(tmp_path, request):
     """A 10k-column table's header alone exceeds the budget: the table objective drops it, counted."""
     import seqio
     import tensorflow as tf
-    from ul2lab import table_objectives
+    from ul2lab.data import table_objectives
     write(tmp_path, {"wide.tsv": "\t".join(f"c{i}" for i in range(10_000)) + "\n" + "\t".join("x" * 10_000) + "\n",
                      "good.tsv": "a\tb\n1\t2\n"})
     tables_json = [tables.read_table_file(str(tmp_path / n), source=n).to_json() for n in ("wide.tsv", "good.tsv")]

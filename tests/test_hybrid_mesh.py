@@ -7,7 +7,7 @@ import gin
 import numpy as np
 import pytest
 
-from ul2lab import partitioning
+from ul2lab.train import partitioning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +84,7 @@ def test_without_dcn_the_mesh_is_unchanged():
 
 
 def test_multislice_gin_reaches_create_mesh():
-    from ul2lab import gin_registry
+    from ul2lab.runs import gin_config as gin_registry
     from ul2lab.models.config import preset
 
     train_config = gin_registry.register()["TrainConfig"]

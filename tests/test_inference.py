@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ul2lab import checkpoints, cli, inference
+from ul2lab.cli import main as cli
+from ul2lab.models import decoding as inference
+from ul2lab.train import checkpoints
 from ul2lab.models import decoding
 from ul2lab.models.config import preset
 from ul2lab.models.network import Transformer, init_params
@@ -108,7 +110,7 @@ def test_sampling_follows_temperature_top_k_and_top_p(temperature, top_k, top_p)
     def step_fn(tokens, cache):
         return jnp.broadcast_to(logits, (tokens.shape[0], logits.shape[0])), cache
 
-    tokens, log_lik = jax.jit(lambda rng: inference.sample_decode(
+    tokens, log_lik = jax.jit(lambda rng: inference.temperature_sample(
         step_fn, (), n, 1, rng, temperature, top_k, top_p, eos_id=99))(jax.random.PRNGKey(0))
     p = np.exp(np.asarray(logits) / temperature)
     p /= p.sum()
@@ -130,7 +132,7 @@ def test_sampling_follows_temperature_top_k_and_top_p(temperature, top_k, top_p)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from ul2lab import vocab
+    from ul2lab.data import vocab
     root = tmp_path_factory.mktemp("infer")
     rng = random.Random(0)
     syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "zu", "an", "or", "el"]

@@ -45,7 +45,7 @@ def test_slurm_script_one_task_per_gpu_and_requeues():
     assert "#SBATCH --requeue" in lines and "#SBATCH --partition=gpu" in lines
     assert any(l.startswith("#SBATCH --signal=TERM@") for l in lines)
     # a preempted run (exit 143 after its checkpoint) is put back in the queue
-    from ul2lab.trainer import PREEMPTED_EXIT_CODE
+    from ul2lab.train.loop import PREEMPTED_EXIT_CODE
     assert f'if [ "$rc" -eq {PREEMPTED_EXIT_CODE} ]; then scontrol requeue "$SLURM_JOB_ID"; fi' in lines
     assert lines.index("rc=$?") == lines.index(next(l for l in lines if l.startswith("srun "))) + 1
     (srun,) = [l for l in lines if l.startswith("srun ")]

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from ul2lab import linearize as lin
-from ul2lab import tables
+from ul2lab.data import linearize as lin
+from ul2lab.data import tables
 
 from conftest import TABLE_WORDS as WORDS
 

@@ -65,7 +65,9 @@ def test_loss_normalizing_factor_semantics(batch):
     features = {"decoder_target_tokens": jnp.asarray(targets), "decoder_loss_weights": jnp.asarray(weights)}
     for factor, divisor in [(None, 1.0), (233472.0, 233472.0), ("NUM_REAL_TARGET_TOKENS", weights.sum()),
                             ("num_total_target_tokens", BATCH * LENGTH)]:
-        loss, z, weight_sum = loss_fn(jnp.asarray(logits), features, z_loss=1e-4, loss_normalizing_factor=factor)
+        sums = loss_fn(jnp.asarray(logits), features, z_loss=1e-4, loss_normalizing_factor=factor)
+        loss, z, weight_sum = sums["loss"], sums["z_loss"], sums["weights"]
+        np.testing.assert_allclose(sums["correct"], ((logits.argmax(-1) == targets) * weights).sum())
         np.testing.assert_allclose(loss, ref_loss.sum() / divisor, rtol=1e-5)
         np.testing.assert_allclose(z, ref_z.sum() / divisor, rtol=1e-5)
         np.testing.assert_allclose(weight_sum, weights.sum())

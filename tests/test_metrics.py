@@ -2,7 +2,7 @@
 import pytest
 import sacrebleu as sacrebleu_package
 
-from ul2lab import metrics
+from ul2lab.data import metrics
 
 
 @pytest.mark.parametrize("gold,predicted,correct", [

@@ -11,9 +11,10 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from ul2lab.models import T5Config, Transformer, abstract_params, init_params
+from ul2lab.models.config import T5Config
+from ul2lab.models.network import Transformer, abstract_params, init_params
 from ul2lab.models import layers
-from ul2lab.partitioning import params_logical_specs
+from ul2lab.train.partitioning import params_logical_specs
 
 VOCAB, EMB, HEADS, KV, MLP = 64, 32, 4, 8, 48
 
@@ -221,7 +222,7 @@ def test_bad_settings_are_refused():
 
 
 def test_model_modules_import_without_tensorflow_seqio_gin_torch():
-    code = ("import sys, ul2lab.models, ul2lab.models.decoding, ul2lab.models.loss, ul2lab.partitioning\n"
+    code = ("import sys, ul2lab.models, ul2lab.models.decoding, ul2lab.models.loss, ul2lab.train.partitioning\n"
             "heavy = [m for m in ('tensorflow', 'seqio', 'gin', 'torch', 'transformers') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

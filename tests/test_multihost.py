@@ -19,7 +19,8 @@ STEPS, SAVE_AT = 6, 3
 
 
 def run_config(model_dir, train_steps, num_devices=None):
-    from ul2lab import schedules, trainer
+    from ul2lab.train import schedules
+    from ul2lab.train import loop as trainer
     from ul2lab.models.config import preset
 
     return trainer.TrainConfig(
@@ -52,18 +53,20 @@ def losses(result):
 
 def worker_main(argv=None):
     parser = argparse.ArgumentParser()
-    from ul2lab import distributed
+    from ul2lab.cli import train as train_cli
+    from ul2lab.train import distributed
 
-    distributed.add_arguments(parser)
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--train_steps", type=int, required=True)
     parser.add_argument("--out", required=True)
+    train_cli.add_host_arguments(parser)  # the flags `ul2lab train` takes
     args = parser.parse_args(argv)
-    how = distributed.initialize_from_args(args)   # first, before anything touches devices
-    again = distributed.initialize_from_args(args)  # idempotent
+    hosts = train_cli.hosts_from_args(args)
+    how = distributed.initialize(**hosts)   # first, before anything touches devices
+    again = distributed.initialize(**hosts)  # idempotent
 
     import jax
-    from ul2lab import trainer
+    from ul2lab.train import loop as trainer
 
     result = trainer.train(run_config(args.model_dir, args.train_steps), host_batches)
     with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
@@ -115,7 +118,7 @@ def as_steps(d):
 
 def test_two_hosts_train_checkpoint_resume_match_one_host(tmp_path):
     import numpy as np
-    from ul2lab import trainer
+    from ul2lab.train import loop as trainer
 
     one_host = losses(trainer.train(run_config(tmp_path / "one_host", STEPS, num_devices=4), host_batches))
     assert sorted(one_host) == list(range(1, STEPS + 1))
@@ -150,7 +153,7 @@ def test_two_hosts_train_checkpoint_resume_match_one_host(tmp_path):
     (dict(coordinator_address="h:1", process_id=0), "--num_processes"),
 ])
 def test_partial_flags_name_the_missing_ones(kwargs, needs):
-    from ul2lab import distributed
+    from ul2lab.train import distributed
 
     with pytest.raises(ValueError, match=f"need {needs} too"):
         distributed.initialize(**kwargs)
@@ -162,7 +165,7 @@ def test_partial_flags_name_the_missing_ones(kwargs, needs):
     (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"must be in 0 \.\.\. 1"),
 ])
 def test_bad_flag_values_are_refused(kwargs, message):
-    from ul2lab import distributed
+    from ul2lab.train import distributed
 
     with pytest.raises(ValueError, match=message):
         distributed.initialize(**kwargs)
@@ -170,7 +173,7 @@ def test_bad_flag_values_are_refused(kwargs, message):
 
 def test_single_host_does_nothing_and_late_initialize_is_explained(monkeypatch):
     import jax
-    from ul2lab import distributed
+    from ul2lab.train import distributed
 
     for name in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
                  "MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES"):
@@ -195,7 +198,7 @@ SRUN = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_PROCID"
     ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}, "tpu"),  # multi-slice
 ])
 def test_cluster_detection(environ, expected):
-    from ul2lab import distributed
+    from ul2lab.train import distributed
 
     assert distributed.detect_cluster(environ) == expected
 
@@ -208,7 +211,7 @@ def test_cluster_detection(environ, expected):
     ({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_LOCALID": "1"}, [2, 3]),
 ])
 def test_slurm_tasks_drive_the_gpus_slurm_gave_them(environ, expected):
-    from ul2lab import distributed
+    from ul2lab.train import distributed
 
     assert distributed.slurm_local_device_ids(environ) == expected
 

@@ -6,7 +6,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from ul2lab import objectives as O
+from ul2lab.data import objectives as O
 from conftest import first_documents
 
 LENGTHS = {"inputs": 512, "targets": 512}

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from ul2lab import optimizers, schedules
+from ul2lab.train import optimizers, schedules
 
 
 def param_tree(rng):

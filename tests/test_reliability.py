@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from test_train_step import packed_batch
-from ul2lab import checkpoints, schedules, trainer
+from ul2lab.train import checkpoints, schedules
+from ul2lab.train import loop as trainer
 from ul2lab.models.config import preset
 
 LENGTHS = {"inputs": 32, "targets": 32}
@@ -244,7 +245,7 @@ def test_disk_full_during_save_is_a_clear_error_and_the_run_resumes(uninterrupte
 
 
 if __name__ == "__main__":  # the child process of the kill tests
-    from ul2lab import train_cli
+    from ul2lab.runs import train as train_cli
     model_dir, seconds = sys.argv[1], float(sys.argv[2])
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     result = trainer.train(make_config(model_dir), synthetic_batches(seconds))

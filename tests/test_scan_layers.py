@@ -11,9 +11,10 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from ul2lab import checkpoints, hf, partitioning
-from ul2lab.inference import beam_search_predict
-from ul2lab.cli import main
+from ul2lab.train import checkpoints, partitioning
+from ul2lab.interop import hf
+from ul2lab.models.decoding import beam_search_predict
+from ul2lab.cli.main import main
 from ul2lab.models import loss as loss_lib
 from ul2lab.models import network
 from ul2lab.models.config import preset
@@ -141,8 +142,8 @@ def test_adafactor_updates_each_scanned_layer_as_its_own_tensor(params):
     import optax
     from test_train_step import packed_batch
 
-    from ul2lab import optimizers
-    from ul2lab import train_step as train_step_lib
+    from ul2lab.train import optimizers
+    from ul2lab.train import step as train_step_lib
 
     batch = packed_batch(0, batch_size=4, length=16)
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from ul2lab import schedules
+from ul2lab.train import schedules
 
 PEAK, WARMUP, COOLDOWN, CONST, ANNEAL_START, ANNEAL_STEPS, END = 1e-2, 100, 400, 2e-3, 1500, 300, 1e-4
 BOUNDARIES = (WARMUP, WARMUP + COOLDOWN, ANNEAL_START, ANNEAL_START + ANNEAL_STEPS)
@@ -139,7 +139,7 @@ def test_cosine_and_wsd_shapes():
 ])
 def test_gin_schedule_files(gin_file, name, probes):
     import gin
-    from ul2lab import gin_registry
+    from ul2lab.runs import gin_config as gin_registry
     configurables = gin_registry.register()
     gin.clear_config()
     try:

@@ -6,8 +6,9 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ul2lab import partitioning
-from ul2lab.models import T5Config, Transformer, abstract_params, init_params
+from ul2lab.train import partitioning
+from ul2lab.models.config import T5Config
+from ul2lab.models.network import Transformer, abstract_params, init_params
 
 CFG = T5Config(vocab_size=64, emb_dim=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
                head_dim=8, mlp_dim=48, relative_attention_num_buckets=8, relative_attention_max_distance=16,

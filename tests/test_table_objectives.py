@@ -7,10 +7,10 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from ul2lab import linearize as lin
-from ul2lab import objectives
-from ul2lab import table_objectives
-from ul2lab import tables
+from ul2lab.data import linearize as lin
+from ul2lab.data import objectives
+from ul2lab.data import table_objectives
+from ul2lab.data import tables
 
 from conftest import TABLE_WORDS as WORDS
 

@@ -7,7 +7,7 @@ import gin
 import pytest
 import seqio
 
-from ul2lab import vocab
+from ul2lab.data import vocab
 from ul2lab_tasks import tables as table_tasks
 
 LENGTHS = {"inputs": 256, "targets": 64}

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from ul2lab import tables
+from ul2lab.data import tables
 
 # WikiTableQuestions csv/: every cell quoted, \" and \\ escapes, newlines inside cells.
 WIKITQ_CSV = (

@@ -6,7 +6,7 @@ import pytest
 import seqio
 
 import ul2lab_tasks  # noqa: F401  registers the tasks
-from ul2lab import objectives, text_sources
+from ul2lab.data import objectives, text_sources
 from ul2lab_tasks import text as text_tasks
 
 LENGTHS = {"inputs": 512, "targets": 512}

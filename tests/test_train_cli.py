@@ -9,7 +9,8 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from ul2lab import checkpoints, cli
+from ul2lab.cli import main as cli
+from ul2lab.train import checkpoints
 
 TASK = "train_cli_test_copy_task"
 VOCAB_SIZE = 512
@@ -152,10 +153,11 @@ def test_missing_model_file_is_named(tmp_path, capsys):
                                       "runs/demo_continual_tables_cpu.gin"])
 @pytest.mark.parametrize("model_file", ["models/t5_1_1_small.gin", "models/ul2_20b.gin"])
 def test_every_run_file_builds_a_config_with_every_model(run_file, model_file):
-    from ul2lab import schedules, train_cli
+    from ul2lab.runs import train as train_run
+    from ul2lab.train import schedules
     from ul2lab.models.config import PRESETS
 
-    config = train_cli.load_train_config(
+    config = train_run.load_train_config(
         [model_file, run_file, "partitioning/fsdp.gin"],
         ["MODEL_DIR = '/unused'", "TRAIN_STEPS = 10", "MIXTURE_OR_TASK_NAME = 'x'", "INITIAL_CHECKPOINT_PATH = '/ckpt'"])
     name = model_file.split("/")[-1][:-4] if "demo" not in run_file else "tiny"  # the demo includes its model

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from ul2lab import train_step as ts
+from ul2lab.train import step as ts
 from ul2lab.models import network
 from ul2lab.models.config import preset
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from test_train_step import packed_batch
-from ul2lab import checkpoints, schedules, trainer
+from ul2lab.train import checkpoints, schedules
+from ul2lab.train import loop as trainer
 from ul2lab.models.config import preset
 
 LENGTHS = {"inputs": 32, "targets": 32}

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ul2lab import xla_flags
+from ul2lab.train import xla_flags
 
 
 def test_gpu_flags_exist_in_this_xla():

@@ -1,7 +1,7 @@
 """T5 building blocks with t5x's parameter names and logical axis names.
 
 Every parameter is created float32 and boxed with its logical axes
-(`nn.with_logical_partitioning`), so `ul2lab.partitioning` can map them onto a
+(`nn.with_logical_partitioning`), so `ul2lab.train.partitioning` can map them onto a
 mesh; computation runs in the module's `dtype` (bfloat16 by default).
 Activations carry `nn.with_logical_constraint` annotations, which are no-ops
 unless a mesh and logical axis rules are in context.

@@ -69,8 +69,8 @@ def get_loss_normalizing_factor_and_weights(loss_normalizing_factor: LossNormali
     weights = batch.get("decoder_loss_weights")
     if weights is None:
         weights = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
-    if loss_normalizing_factor is None or isinstance(loss_normalizing_factor, (int, float)):
-        return loss_normalizing_factor, weights
+    if loss_normalizing_factor is None or not isinstance(loss_normalizing_factor, str):
+        return loss_normalizing_factor, weights  # a number (or an array: a factor already measured)
     name = str(loss_normalizing_factor).upper()
     if name == NUM_REAL_TARGET_TOKENS:
         return jnp.sum(weights.astype(jnp.float32)), weights
@@ -81,12 +81,19 @@ def get_loss_normalizing_factor_and_weights(loss_normalizing_factor: LossNormali
 
 
 def loss_fn(logits, batch: Mapping[str, jax.Array], z_loss: float = 1e-4, label_smoothing: float = 0.0,
-            loss_normalizing_factor: LossNormalizingFactor = None):
-    """The training loss of a batch: (loss, z_loss, weight_sum), t5x's EncoderDecoderModel.loss_fn."""
+            loss_normalizing_factor: LossNormalizingFactor = None) -> dict:
+    """The loss of a batch, as t5x's EncoderDecoderModel.loss_fn; training, evaluation and tests all use it.
+
+    Returns sums over the batch: {"loss" (incl. z-loss, divided by the normalizing factor),
+    "z_loss", "correct" (weighted argmax hits), "weights" (weighted target tokens)}. The factor is
+    a t5x name, a number, or an array already measured on a larger batch (microbatching).
+    """
     factor, weights = get_loss_normalizing_factor_and_weights(loss_normalizing_factor, batch)
-    return compute_weighted_cross_entropy(logits, batch["decoder_target_tokens"], weights,
-                                          label_smoothing=label_smoothing, z_loss=z_loss,
-                                          loss_normalizing_factor=factor)
+    targets = batch["decoder_target_tokens"]
+    loss, total_z_loss, weight_sum = compute_weighted_cross_entropy(
+        logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss, loss_normalizing_factor=factor)
+    correct, _ = compute_weighted_accuracy(logits, targets, weights)
+    return {"loss": loss, "z_loss": total_z_loss, "correct": correct, "weights": weight_sum}
 
 
 def compute_weighted_accuracy(logits, targets, weights=None) -> Tuple[jax.Array, jax.Array]:

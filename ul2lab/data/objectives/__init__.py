@@ -31,11 +31,11 @@ Public API (stable; other modules and gin files use these names)
     concatenate_documents → split_into_segments (one element per
     block: ragged segments + drawn denoiser indices) → denoise_segments (one example each)
 """
-from ul2lab.objectives.mixture import (
+from ul2lab.data.objectives.mixture import (
     Denoiser, DenoiserPlan, MODE_TOKENS, PRESETS, SKIPPED_TEXT, SkippedText,
     concatenate_documents, denoise_segments, mixture_of_denoisers,
     plan_denoisers, r_denoiser, resolve_denoisers, s_denoiser, split_into_segments, x_denoiser)
-from ul2lab.objectives.spans import (
+from ul2lab.data.objectives.spans import (
     nonnoise_span_to_unique_sentinel, noise_span_to_unique_sentinel, random_prefix_noise_mask,
     random_prefix_noise_mask_batch, random_spans_helper, random_spans_noise_mask,
     random_spans_noise_mask_batch, reconstruct_from_spans, replace_noise_spans, sentinel_id,

@@ -1,7 +1,7 @@
 """Hugging Face T5 interop: read and write `transformers` T5 directories as t5x-named params.
 
-    config, params = ul2lab.hf.load(hf_dir)            # HF T5 / mT5 dir -> (T5Config, params)
-    ul2lab.hf.save(config, params, out_dir, vocab_path)  # -> config.json, model.safetensors, ...
+    config, params = ul2lab.interop.hf.load(hf_dir)            # HF T5 / mT5 dir -> (T5Config, params)
+    ul2lab.interop.hf.save(config, params, out_dir, vocab_path)  # -> config.json, model.safetensors, ...
 
 One table (`_tensor_map`) names every tensor on both sides; the few layouts that
 differ (HF's Linear is (out, in); t5x splits attention kernels per head; HF keeps
@@ -19,8 +19,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from flax import traverse_util
 
+from ul2lab.errors import UserError
+from ul2lab.files import atomic_path, atomic_write_json
 from ul2lab.models import network
 from ul2lab.models.config import T5Config
+from ul2lab.models.special_ids import DECODER_START_ID, EOS_ID, PAD_ID
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -45,7 +48,7 @@ _ACTIVATIONS = {
 }
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """An HF directory (or export target) that is not a T5 model this module can convert."""
 
 
@@ -378,15 +381,16 @@ def save(config: T5Config, params: dict, out_dir: str, vocab_path: Optional[str]
                 os.remove(os.path.join(out_dir, stale))
         shards = _shard(plan, max_shard_bytes)
         for filename, shard in shards.items():  # one shard in HF layout in memory at a time
-            _atomic(out_dir, filename, lambda path, shard=shard: save_file(
-                {t.hf_name: _to_hf(t, param, config) for t, param in shard}, path, metadata={"format": "pt"}))
+            with atomic_path(os.path.join(out_dir, filename)) as path:
+                save_file({t.hf_name: _to_hf(t, param, config) for t, param in shard}, path,
+                          metadata={"format": "pt"})
         if len(shards) > 1:
             index = {"metadata": {"total_size": 4 * sum(int(np.prod(t.hf_shape)) for t, _ in plan)},
                      "weight_map": {t.hf_name: f for f, shard in shards.items() for t, _ in shard}}
-            _write_json(out_dir, SAFE_INDEX, index)
-        _write_json(out_dir, "generation_config.json",
-                    {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0})
-        _write_json(out_dir, "config.json", hf_config)
+            atomic_write_json(os.path.join(out_dir, SAFE_INDEX), index)
+        atomic_write_json(os.path.join(out_dir, "generation_config.json"),
+                          {"decoder_start_token_id": DECODER_START_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID})
+        atomic_write_json(os.path.join(out_dir, "config.json"), hf_config)
         for filename in sorted(os.listdir(tokenizer_dir)):
             shutil.copyfile(os.path.join(tokenizer_dir, filename), os.path.join(out_dir, filename))
 
@@ -433,17 +437,3 @@ def _shard(plan: list, max_bytes: int) -> Dict[str, list]:
     if len(groups) == 1:
         return {SAFE_WEIGHTS: groups[0]}
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
-
-
-def _atomic(directory: str, filename: str, write: Callable[[str], None]):
-    tmp = os.path.join(directory, filename + ".tmp")
-    write(tmp)
-    os.replace(tmp, os.path.join(directory, filename))
-
-
-def _write_json(directory: str, filename: str, payload: dict):
-    def write(path):
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-    _atomic(directory, filename, write)

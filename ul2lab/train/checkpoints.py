@@ -10,20 +10,22 @@ Readers need no gin: `read_config` + `load_params` rebuild the network.
 """
 import json
 import os
+import shutil
 import time
-import uuid
 from typing import Any, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ul2lab.errors import UserError
+from ul2lab.files import atomic_write_json
 from ul2lab.models.config import T5Config
 
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that is missing, incomplete, or of another model."""
 
 
@@ -35,11 +37,7 @@ def write_config(directory: str, config: T5Config, vocab_path: Optional[str] = N
         return
     os.makedirs(directory, exist_ok=True)
     payload = {"model": config.to_dict(), "vocab_path": vocab_path, **extra}
-    # a temp name of its own, so two writers into one directory never rename each other's half file
-    tmp = os.path.join(directory, f"{CONFIG_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+    atomic_write_json(os.path.join(directory, CONFIG_FILE), payload)
 
 
 def read_config(directory: str) -> Tuple[T5Config, dict]:
@@ -71,6 +69,27 @@ def has_checkpoint(directory: str) -> bool:
         return False
     return any(ocp.utils.is_checkpoint_finalized(os.path.join(directory, d))
                for d in os.listdir(directory) if d.isdigit())
+
+
+def all_steps(directory: str) -> list:
+    """The finished steps of a checkpoint directory, oldest first (nothing is written)."""
+    if not has_checkpoint(directory):
+        return []
+    with ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(create=False)) as manager:
+        return sorted(manager.all_steps())
+
+
+def copy_step(source: str, destination: str, step: int):
+    """Copy step `step` and config.json of `source` into `destination` (process 0 copies; every host
+    waits for it), e.g. to branch an anneal off a run without touching it."""
+    from jax.experimental import multihost_utils
+
+    os.makedirs(destination, exist_ok=True)
+    if jax.process_index() == 0:
+        shutil.copytree(os.path.join(source, str(step)), os.path.join(destination, str(step)))
+        shutil.copy2(os.path.join(source, CONFIG_FILE), os.path.join(destination, CONFIG_FILE))
+    multihost_utils.sync_global_devices(f"ul2lab: step {step} of {source} copied")
 
 
 def save_params(directory: str, params: Any, config: T5Config, step: int = 0,
@@ -179,7 +198,7 @@ class RunCheckpoints:
             except Exception as e:  # noqa: BLE001  any unreadable step falls back to an older one
                 failed.append((step, e))
                 log(f"warning: checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
-                    f"({_one_line(e)}); trying the previous one", flush=True)
+                    f"({one_line(e)}); trying the previous one", flush=True)
                 continue
             for bad, _ in failed:
                 self._set_aside(bad, log)
@@ -245,6 +264,6 @@ def latest_run_record(directory: str) -> Optional[dict]:
             return None
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}" + ("..." if len(text) > 300 else "")

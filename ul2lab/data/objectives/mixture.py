@@ -28,7 +28,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from ul2lab.objectives import spans
+from ul2lab.data.objectives import spans
 
 
 @dataclasses.dataclass(frozen=True)

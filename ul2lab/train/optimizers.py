@@ -10,7 +10,7 @@
                each tensor's Adam step is multiplied by max(1e-3, RMS(param)), like Adafactor's
                parameter scale, which lets T5 train with AdamW at Adafactor-like rates (~2e-2).
 
-`learning_rate` is a float or a schedule (ul2lab.schedules). grad_clip_norm clips the global
+`learning_rate` is a float or a schedule (ul2lab.train.schedules). grad_clip_norm clips the global
 gradient norm before the optimizer sees the gradients.
 """
 import inspect

@@ -54,7 +54,7 @@ def detect_platform(environ: Optional[MutableMapping[str, str]] = None) -> str:
         return {"cuda": "gpu", "gpu": "gpu", "tpu": "tpu"}.get(requested, "cpu")
     if environ is not None:
         return "cpu"  # an explicit environment without JAX_PLATFORMS: look no further
-    from ul2lab.distributed import _on_cloud_tpu_vm
+    from ul2lab.train.distributed import _on_cloud_tpu_vm
 
     if _on_cloud_tpu_vm():
         return "tpu"
@@ -86,7 +86,7 @@ def apply(platform: Optional[str] = None, environ: Optional[MutableMapping[str, 
         from jax._src import xla_bridge  # the public API has no "has the backend started?" query
 
         if xla_bridge.backends_are_initialized():
-            raise RuntimeError("ul2lab.xla_flags.apply() was called after JAX had started its devices, "
+            raise RuntimeError("ul2lab.train.xla_flags.apply() was called after JAX had started its devices, "
                                "so XLA would ignore the flags; call it at the very start of the program")
     env.update(applied)
     return applied

@@ -13,7 +13,6 @@ anything asks JAX for devices (jax.devices(), a mesh, a jitted call). Three ways
 
 On a single host with none of these, nothing happens. Calling it again is harmless.
 """
-import argparse
 import glob
 import importlib.util
 import os
@@ -141,28 +140,6 @@ def _require_no_backend():
     from jax._src import xla_bridge  # the public API has no "are devices initialized?" query
 
     if xla_bridge.backends_are_initialized():
-        raise RuntimeError("ul2lab.distributed.initialize() was called after JAX had already started its "
+        raise RuntimeError("ul2lab.train.distributed.initialize() was called after JAX had already started its "
                            "devices (something called jax.devices(), built a mesh or ran a computation "
                            "first); call it at the very start of the program")
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    """The multi-host flags, for a CLI that then calls `initialize_from_args(args)` first thing."""
-    group = parser.add_argument_group("multi-host (automatic under SLURM and on TPU pods)")
-    group.add_argument("--coordinator_address", default=None,
-                       help="host:port of process 0, the same on every process")
-    group.add_argument("--num_processes", type=int, default=None, help="number of processes in the run")
-    group.add_argument("--process_id", type=int, default=None, help="this process's index, 0 ... N-1")
-    group.add_argument("--local_device_ids", default=None,
-                       help="comma-separated device ids this process uses (e.g. 0,1)")
-
-
-def initialize_from_args(args: argparse.Namespace) -> Optional[str]:
-    ids = getattr(args, "local_device_ids", None)
-    if isinstance(ids, str):
-        try:
-            ids = [int(i) for i in ids.split(",") if i.strip()]
-        except ValueError:
-            raise ValueError(f"--local_device_ids {args.local_device_ids!r} is not a comma-separated "
-                             "list of device numbers such as 0,1") from None
-    return initialize(args.coordinator_address, args.num_processes, args.process_id, ids)

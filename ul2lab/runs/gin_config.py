@@ -1,62 +1,63 @@
-"""gin on the command line, as t5x's scripts: `--gin_file=F` (repeatable), `--gin.NAME=VALUE`, `--gin_search_paths`.
+"""gin for ul2lab's configs, as t5x uses it: which names are configurable, and gin files +
+bindings -> a config object, every mistake reported as one line before any work.
 
-Shared by `ul2lab train/anneal/demo` (TrainConfig) and `ul2lab eval/infer` (EvalConfig, InferConfig).
-`--gin.NAME=VALUE` adds the gin binding `NAME = VALUE`; a value that is not a Python/gin literal
-(a bare path or word) is taken as a string, so `--gin.MODEL_DIR=/tmp/run` needs no quotes.
-Every misspelled name fails before any work, as one line with the closest registered names suggested.
+Each configurable is registered under its defining module, so gin files may use the full name
+(`ul2lab.train.schedules.infinite_schedule.peak_value`) or the short one
+(`infinite_schedule.peak_value`). The models and train floors never import gin: this is the one
+place that makes their functions and dataclasses configurable.
 """
-import argparse
 import dataclasses
 import difflib
+import inspect
 import logging
 import os
 import re
-import sys
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from ul2lab.cli import UserError
+import gin
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+from ul2lab.errors import UserError
+from ul2lab.runs import settings
 
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "gin")
 
-class GinArgumentParser(argparse.ArgumentParser):
-    """Collects `--gin.NAME=VALUE` arguments (which argparse cannot declare) into args.gin_bindings."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        gin_args = [a for a in args if a.startswith("--gin.")]
-        namespace, extras = super().parse_known_args([a for a in args if not a.startswith("--gin.")], namespace)
-        namespace.gin_bindings = [gin_binding(a) for a in gin_args]
-        return namespace, extras
+_REGISTERED: Dict[str, Callable] = {}
+_ORIGINALS: Dict[str, Callable] = {}
 
 
-def add_gin_arguments(parser: argparse.ArgumentParser, example: str):
-    """--gin_file, --gin_search_paths and --gin.NAME=VALUE on a subcommand's parser."""
-    parser.__class__ = GinArgumentParser
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="gin file (repeatable; later files override earlier ones); relative paths are "
-                             "looked up in the current folder, --gin_search_paths and the repository's gin/")
-    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders to look up gin files in")
-    parser.epilog = f"Gin bindings: --gin.NAME=VALUE (repeatable), e.g. {example}."
+def register() -> Dict[str, Callable]:
+    """Register everything (idempotent); returns {name: gin-wrapped callable}."""
+    if _REGISTERED:
+        return _REGISTERED
+    from ul2lab.models import config
+    from ul2lab.train import optimizers, schedules
+    from ul2lab.train.config import TrainConfig
+
+    for fn in (config.T5Config, config.preset,
+               TrainConfig, settings.EvalConfig, settings.InferConfig,
+               schedules.constant_schedule, schedules.rsqrt_schedule, schedules.cosine_schedule,
+               schedules.wsd_schedule, schedules.infinite_schedule,
+               optimizers.make_optimizer):
+        _ORIGINALS[fn.__name__] = fn
+        _REGISTERED[fn.__name__] = gin.external_configurable(fn, fn.__name__, module=fn.__module__)
+    return _REGISTERED
 
 
-def gin_binding(arg: str) -> str:
-    """'--gin.NAME=VALUE' -> 'NAME = VALUE' (VALUE quoted when it is a bare word or path)."""
-    name, sep, value = arg[len("--gin."):].partition("=")
-    if not sep or not name:
-        raise UserError(f"{arg!r} is not a gin binding; write --gin.NAME=VALUE, e.g. --gin.TRAIN_STEPS=1000")
-    return f"{name} = {_gin_value(value)}"
+def configurable_names() -> list:
+    return sorted(register())
 
 
-def _gin_value(value: str) -> str:
-    import ast
-    if value[:1] in ("@", "%", "[", "{", "(", "'", '"'):
-        return value
-    try:
-        ast.literal_eval(value)
-        return value
-    except (ValueError, SyntaxError):
-        return repr(value)
+def parameter_names(name: str) -> list:
+    """The parameters a registered configurable accepts (for close-match suggestions)."""
+    register()
+    name = name.split(".")[-1]
+    fn = _ORIGINALS.get(name)
+    if fn is None:
+        return []
+    names = [p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs", "overrides")]
+    if name == "preset":  # preset(name, **overrides): any T5Config field may be overridden
+        names += [p for p in parameter_names("T5Config") if p != "name"]
+    return names
 
 
 def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], search_paths: str = "", *,
@@ -69,9 +70,7 @@ def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], se
     flags: {field: flag} so a %gin.REQUIRED message can also name the flag that sets it.
     """
     import gin
-    from ul2lab import gin_registry
-
-    registered = gin_registry.register()
+    registered = register()
     gin.clear_config()
     paths = [os.getcwd(), GIN_DIR] + [p for p in search_paths.split(",") if p]
     for path in paths:
@@ -96,7 +95,7 @@ def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], se
         unexpected = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
         if unexpected:
             owner, field = unexpected.groups()
-            close = difflib.get_close_matches(field, gin_registry.parameter_names(owner), n=3, cutoff=0.6)
+            close = difflib.get_close_matches(field, parameter_names(owner), n=3, cutoff=0.6)
             raise UserError(f"gin: {owner} has no field {field!r}"
                             + (f"; did you mean {' or '.join(close)}?" if close else "")) from None
         undefined = re.search(r"In call to configurable 'macro' .* in scope '(\w+)'", str(e))
@@ -128,22 +127,20 @@ def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], se
 
 
 def explain_gin_error(error: Exception) -> str:
-    from ul2lab import gin_registry
-
     message = str(error)
     first = message.splitlines()[0]
     where = " ".join(line.strip() for line in message.splitlines()[1:3])
     unknown = re.search(r"No configurable matching '([^']+)'", message)
     if unknown:
         name = unknown.group(1)
-        close = difflib.get_close_matches(name.split(".")[-1], gin_registry.configurable_names(), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name.split(".")[-1], configurable_names(), n=3, cutoff=0.6)
         return f"gin: unknown name {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else
-                                                 f"; configurables: {', '.join(gin_registry.configurable_names())}") \
+                                                 f"; configurables: {', '.join(configurable_names())}") \
             + (f" ({where})" if where else "")
     param = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
     if param:
         configurable, name = param.groups()
-        known = gin_registry.parameter_names(configurable)
+        known = parameter_names(configurable)
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         return (f"gin: {configurable} has no parameter {name!r}"
                 + (f"; did you mean {' or '.join(close)}?" if close else f"; its parameters: {', '.join(known)}")
@@ -162,3 +159,31 @@ def check_macros_used(bindings: Sequence[str], config_str: str):
         raise UserError(f"gin: the macro {name} is not used by any gin file"
                         + (f"; did you mean {' or '.join(close)}?" if close else
                            f"; macros in use: {', '.join(sorted(used))}"))
+
+
+RUN_FILES = {"EvalConfig": "gin/runs/eval.gin", "InferConfig": "gin/runs/infer.gin"}
+
+
+def load_settings(cls, given: Mapping, gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
+                  search_paths: str = ""):
+    """EvalConfig / InferConfig from gin (when gin files or bindings are given) with the settings the user
+    gave as flags (`given`: {field: value}) on top; checked, every mistake a one-line UserError."""
+    run_file = RUN_FILES[cls.__name__]
+    given = dict(given)
+    if isinstance(given.get("task_feature_lengths"), str):
+        given["task_feature_lengths"] = settings.parse_feature_lengths(given["task_feature_lengths"])
+    required = settings.required_fields(cls)
+    if gin_files or bindings:
+        config = load_config(
+            cls.__name__, gin_files, bindings, search_paths, start_from=run_file,
+            missing_hint=f"include {run_file}, or pass " + ", ".join(settings.flag(f) for f in required),
+            overrides=given, flags={f.name: settings.flag(f.name) for f in dataclasses.fields(cls)})
+    else:
+        missing = [f for f in required if f not in given]
+        if missing:
+            raise UserError(f"{', '.join(settings.flag(m) for m in missing)} required: pass "
+                            f"{' '.join(settings.flag(m) + ' ...' for m in missing)}, or use a gin run file: "
+                            f"--gin_file={run_file} " + " ".join(f"--gin.{m.upper()}=..." for m in missing))
+        config = cls(**given)
+    settings.check_settings(config)
+    return config

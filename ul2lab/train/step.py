@@ -1,7 +1,7 @@
 """One optimizer step of an encoder-decoder: loss, gradients (optionally over microbatches), update.
 
-Imports only jax/flax/optax. The trainer builds the jitted step once with `make_train_step`
-and calls it on global (sharded) batches; the state is donated so parameters and optimizer
+Imports only jax/flax/optax. The trainer (ul2lab.train.loop) builds the jitted step once with
+`build_train_step` and calls it on global (sharded) batches; the state is donated so parameters and optimizer
 moments are updated in place.
 
 Loss normalization follows t5x (ul2lab.models.loss): the summed token cross entropy (plus
@@ -50,19 +50,16 @@ def init_state(config: T5Config, optimizer: optax.GradientTransformation, seed: 
 
 
 def make_loss_fn(model: nn.Module, z_loss: float, label_smoothing: float):
-    """loss_fn(params, batch, factor, dropout_rng) -> (loss, sums) for one (micro)batch."""
+    """loss_fn(params, batch, factor, dropout_rng) -> (loss, sums) for one (micro)batch: the model's
+    logits through ul2lab.models.loss.loss_fn, the one loss of training, evaluation and tests."""
 
     def loss_fn(params, batch, factor, dropout_rng):
         inputs = {k: batch[k] for k in INPUT_FEATURES if k in batch}
         logits = model.apply({"params": params}, **inputs, enable_dropout=dropout_rng is not None,
                              rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-        _, weights = loss_lib.get_loss_normalizing_factor_and_weights(None, batch)
-        targets = batch["decoder_target_tokens"]
-        loss, total_z_loss, weight_sum = loss_lib.compute_weighted_cross_entropy(
-            logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss,
-            loss_normalizing_factor=factor)
-        correct, _ = loss_lib.compute_weighted_accuracy(logits, targets, weights)
-        return loss, {"loss": loss, "z_loss": total_z_loss, "correct": correct, "weights": weight_sum}
+        sums = loss_lib.loss_fn(logits, batch, z_loss=z_loss, label_smoothing=label_smoothing,
+                                loss_normalizing_factor=factor)
+        return sums["loss"], sums
 
     return loss_fn
 

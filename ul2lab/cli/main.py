@@ -1,0 +1,45 @@
+"""The `ul2lab` command: one subcommand per concern, each a parser of flags that makes one library call.
+
+Each subcommand module exposes `add_parser(subparsers)`, which builds its argparse parser and sets
+`func=<callable(args) -> exit code>`. Those modules import the library only inside `func`, so
+`ul2lab --help` starts fast. A UserError (bad input, config or files) is printed as one line, exit 2.
+"""
+import argparse
+import os
+import sys
+
+from ul2lab.cli import hf, infer, train, vocab
+from ul2lab.errors import UserError
+
+# in the order `ul2lab --help` lists them
+SUBCOMMAND_MODULES = (train, hf, vocab, infer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ul2lab", description="UL2 / T5 pretraining, evaluation and Hugging Face interop on JAX.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in SUBCOMMAND_MODULES:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    # TensorFlow (the data pipeline) logs its C++ start-up chatter unless told otherwise
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UserError as e:
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"ul2lab {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`ul2lab eval`'s work: a checkpoint's predictions and scores through seqio's Evaluator, so every
+task's own metric functions (WikiTQ denotation accuracy, TabFact accuracy, BLEU, ...) score them.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import seqio
+
+from ul2lab.data import pipeline
+from ul2lab.errors import UserError
+from ul2lab.files import atomic_write
+from ul2lab.models import decoding
+from ul2lab.runs.infer import batch_slices, load_checkpoint, pad_rows, predict_tokens, strip_eos
+from ul2lab.runs.settings import EVAL_METRICS_FILE, EvalConfig
+
+
+def run_eval(settings: EvalConfig) -> dict:
+    """Evaluate settings.checkpoint_path on its task or mixture; print the metrics and write them
+    (EVAL_OUTPUT_DIR/metrics.json and/or settings.output_file). Returns {task: {metric: value}}."""
+    config, params, _ = load_checkpoint(settings.checkpoint_path, settings.step)
+    metrics = evaluate(config, params, settings)
+    for task, values in sorted(metrics.items()):
+        for name, value in sorted(values.items()):
+            print(f"{task}/{name}: {value}")
+    text = json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n"
+    paths = [settings.output_file] if settings.output_file else []
+    if settings.eval_output_dir:
+        paths.append(os.path.join(settings.eval_output_dir, EVAL_METRICS_FILE))
+    for path in paths:
+        atomic_write(path, text)
+        print(f"wrote the metrics to {path}")
+    return metrics
+
+
+def evaluate(config, params, settings: EvalConfig) -> dict:
+    """{task name: {metric: value}} from seqio.Evaluator with this model's predict and score fns."""
+    mixture_or_task, split, lengths = settings.mixture_or_task_name, settings.split, settings.task_feature_lengths
+    try:
+        pipeline.get_mixture_or_task(mixture_or_task)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    evaluator = seqio.Evaluator(
+        mixture_or_task, feature_converter=seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+        sequence_length={"inputs": lengths["inputs"], "targets": lengths["targets"]},
+        num_examples=settings.max_examples, use_memory_cache=True, async_compute_metrics=False)
+    if not evaluator.eval_tasks:
+        raise UserError(f"{mixture_or_task!r} has no task with a {split!r} split and metric functions")
+    rng = [jax.random.PRNGKey(settings.seed)]
+
+    def batched(dataset):
+        """(indices, features) numpy batches of a cached (index, features) eval dataset."""
+        examples = list(dataset.as_numpy_iterator())
+        for batch in batch_slices(len(examples), settings.batch_size):
+            chunk = examples[batch]
+            yield [i for i, _ in chunk], {k: _pad_array([ex[k] for _, ex in chunk], settings.batch_size)
+                                         for k in ("encoder_input_tokens", "decoder_target_tokens")}
+
+    def predict_fn(dataset):
+        out = []
+        for indices, features in batched(dataset):
+            rng[0], key = jax.random.split(rng[0])
+            tokens, _ = predict_tokens(config, params, features["encoder_input_tokens"], settings, key)
+            out += [(i, strip_eos(t)) for i, t in zip(indices, np.asarray(tokens))]
+        return out
+
+    def score_fn(dataset):
+        out = []
+        for indices, features in batched(dataset):
+            scores = decoding.score(params, config, features["encoder_input_tokens"],
+                                     features["decoder_target_tokens"])
+            out += [(i, float(s)) for i, s in zip(indices, np.asarray(scores))]
+        return out
+
+    all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn, score_fn=score_fn)
+    return {task: {k: _plain(v) for k, v in values.items()} for task, values in all_metrics.result().items()}
+
+
+def _pad_array(rows, batch_size: int) -> np.ndarray:
+    length = max(len(r) for r in rows)
+    return pad_rows([list(r[:length]) for r in rows], length, batch_size)
+
+
+def _plain(value):
+    """seqio metric values (floats, numpy, seqio.metrics.Scalar) as JSON-friendly numbers."""
+    value = getattr(value, "value", value)
+    return value.item() if hasattr(value, "item") else value

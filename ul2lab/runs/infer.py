@@ -1,0 +1,138 @@
+"""`ul2lab infer`'s work: a checkpoint's predictions (greedy, beam, sampling) or scores for a jsonl file.
+
+Input lines are JSON objects with "inputs" (and "targets" in score mode) as text, tokenized with
+the checkpoint's vocabulary (config.json "vocab_path") plus EOS, as seqio's T5 tasks do. Each
+output line is the input object plus "prediction" and "score" (predict: the log-likelihood of the
+prediction) or "score" (score: the log-likelihood of "targets", EOS included).
+"""
+import json
+import os
+import sys
+from typing import Iterator, List, Optional, Sequence
+
+import jax
+import numpy as np
+import seqio
+
+from ul2lab.errors import UserError
+from ul2lab.files import atomic_write
+from ul2lab.models import decoding
+from ul2lab.models.special_ids import EOS_ID, PAD_ID
+from ul2lab.runs.settings import DecodeSettings, InferConfig
+from ul2lab.train import checkpoints
+
+
+def load_checkpoint(checkpoint_dir: str, step=None):
+    """(config, params, seqio vocabulary) of a checkpoint directory, or a UserError saying what is missing."""
+    try:
+        config, payload = checkpoints.read_config(checkpoint_dir)
+        config, params = checkpoints.load_params(checkpoint_dir, step)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    vocab_path = payload.get("vocab_path")
+    if not vocab_path:
+        raise UserError(f"{checkpoint_dir}/config.json has no vocab_path; set it to the SentencePiece .model "
+                        "the model was trained with")
+    if "://" not in vocab_path and not os.path.isfile(vocab_path):
+        raise UserError(f"vocabulary {vocab_path} (vocab_path in {checkpoint_dir}/config.json) does not exist")
+    vocab = seqio.SentencePieceVocabulary(vocab_path, extra_ids=payload.get("extra_ids", 100))
+    return config, params, vocab
+
+
+def _read_jsonl(path: str, need_targets: bool) -> List[dict]:
+    if not os.path.isfile(path):
+        raise UserError(f"--input_file {path} does not exist")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {number} is not JSON ({e.msg}); write one JSON object per line")
+            fields = ("inputs", "targets") if need_targets else ("inputs",)
+            for field in fields:
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise UserError(f'{path} line {number} has no text "{field}" field'
+                                    + ("; score mode needs both inputs and targets" if need_targets else ""))
+            rows.append(row)
+    if not rows:
+        raise UserError(f"--input_file {path} has no examples")
+    return rows
+
+
+def _tokenize(vocab, texts: Sequence[str], max_length: Optional[int] = None) -> List[List[int]]:
+    """Token ids + EOS, truncated (with a note on stderr) to max_length when given."""
+    ids = [list(vocab.encode(t)) + [EOS_ID] for t in texts]
+    if max_length is None:
+        return ids
+    truncated = sum(len(x) > max_length for x in ids)
+    if truncated:
+        print(f"note: {truncated} of {len(ids)} inputs are longer than {max_length} tokens and were "
+              "truncated (raise --max_input_length to keep them whole)", file=sys.stderr)
+    return [x[:max_length - 1] + [EOS_ID] if len(x) > max_length else x for x in ids]
+
+
+def pad_rows(rows: Sequence[List[int]], length: int, batch_size: int) -> np.ndarray:
+    """[batch_size, length] int32; missing rows (the last batch) are a lone EOS."""
+    out = np.full((batch_size, length), PAD_ID, np.int32)
+    out[:, 0] = EOS_ID
+    for i, ids in enumerate(rows):
+        out[i] = PAD_ID
+        out[i, :len(ids)] = ids
+    return out
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def strip_eos(tokens) -> List[int]:
+    """Tokens up to (not including) the first EOS, without padding."""
+    tokens = [int(t) for t in tokens]
+    if EOS_ID in tokens:
+        tokens = tokens[:tokens.index(EOS_ID)]
+    return [t for t in tokens if t != PAD_ID]
+
+
+def predict_tokens(config, params, inputs: np.ndarray, settings: DecodeSettings, rng) -> tuple:
+    """Decode with an EvalConfig's / InferConfig's decoding settings."""
+    return decoding.predict(params, config, inputs, settings.max_decode_length, beam_size=settings.beam_size,
+                             alpha=settings.alpha, temperature=settings.temperature, top_k=settings.top_k,
+                             top_p=settings.top_p, rng=rng, eos_id=EOS_ID)
+
+
+def infer(settings: InferConfig) -> int:
+    """Predict or score every line of settings.input_file into settings.output_file; returns the count."""
+    if os.path.exists(settings.output_file) and not settings.overwrite:
+        raise UserError(f"--output_file {settings.output_file} exists; pass --overwrite (InferConfig.overwrite "
+                        "= True) or choose another file")
+    score_mode = settings.mode == "score"
+    rows = _read_jsonl(settings.input_file, need_targets=score_mode)
+    config, params, vocab = load_checkpoint(settings.checkpoint_path, settings.step)
+
+    inputs = _tokenize(vocab, [r["inputs"] for r in rows], settings.max_input_length)
+    targets = _tokenize(vocab, [r["targets"] for r in rows]) if score_mode else None  # scored whole
+    # one padded shape for the whole file: one compilation
+    input_length = max(len(ids) for ids in inputs)
+    target_length = max(len(ids) for ids in targets) if score_mode else None
+    batch_size = settings.batch_size
+    rng = jax.random.PRNGKey(settings.seed)
+    results = []
+    for batch in batch_slices(len(rows), batch_size):
+        encoder_input = pad_rows(inputs[batch], input_length, batch_size)
+        if score_mode:
+            scores = decoding.score(params, config, encoder_input, pad_rows(targets[batch], target_length, batch_size))
+            results += [{"score": float(s)} for s in np.asarray(scores)[:batch.stop - batch.start]]
+            continue
+        rng, key = jax.random.split(rng)
+        tokens, scores = predict_tokens(config, params, encoder_input, settings, key)
+        for tok, s in list(zip(np.asarray(tokens), np.asarray(scores)))[:batch.stop - batch.start]:
+            results.append({"prediction": vocab.decode(strip_eos(tok)), "score": float(s)})
+
+    atomic_write(settings.output_file, "".join(
+        json.dumps({**row, **result}, ensure_ascii=False) + "\n" for row, result in zip(rows, results)))
+    print(f"wrote {len(results)} {'scores' if score_mode else 'predictions'} to {settings.output_file}")
+    return len(results)

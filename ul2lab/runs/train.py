@@ -1,0 +1,190 @@
+"""What `ul2lab train`, `ul2lab anneal` and `ul2lab demo` do: gin files -> TrainConfig -> the
+task's batches -> the trainer, as t5x's train.py.
+
+Composes the data floor (the seqio task's batches, ul2lab.data.pipeline) with the train floor
+(ul2lab.train.loop), which never imports seqio or gin itself.
+"""
+import dataclasses
+import os
+import sys
+import time
+from typing import Mapping, Optional, Sequence
+
+import gin
+import jax
+import numpy as np
+import seqio
+
+from ul2lab.data import pipeline
+from ul2lab.errors import UserError
+from ul2lab.interop import convert
+from ul2lab.models import decoding
+from ul2lab.models.config import T5Config
+from ul2lab.runs import gin_config
+from ul2lab.runs.infer import load_checkpoint, strip_eos
+from ul2lab.train import checkpoints, distributed, loop, schedules, xla_flags
+from ul2lab.train import config as train_config
+from ul2lab.train.config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig
+
+DEMO_GIN = "runs/demo_continual_tables_cpu.gin"
+
+
+def start_hosts(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                process_id: Optional[int] = None, local_device_ids: Optional[Sequence[int]] = None):
+    """XLA flags and jax.distributed first: both must come before anything starts JAX's devices."""
+    try:
+        xla_flags.apply()
+    except RuntimeError as e:  # JAX already started in this process (a notebook): the flags only tune speed
+        print(f"note: recommended XLA flags not applied: {e}", file=sys.stderr, flush=True)
+    try:
+        distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str = ""):
+    """Parse gin files + bindings and build the TrainConfig (a UserError for any mistake)."""
+    config = gin_config.load_config(
+        "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
+        missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
+                     "them with --gin.")
+    if not isinstance(config.model, T5Config):
+        raise UserError("TrainConfig.model is not a model config: include a model gin file, e.g. "
+                        "--gin_file=gin/models/t5_1_1_small.gin")
+    return config
+
+
+def train_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: str = "",
+                   hosts: Optional[Mapping] = None) -> int:
+    """`ul2lab train`: join the other hosts, parse the gin files, train or resume. Returns the exit code."""
+    start_hosts(**(hosts or {}))
+    return exit_code(train_task(load_train_config(gin_files, bindings, search_paths)))
+
+
+def check(config: TrainConfig) -> Optional[str]:
+    """Every check of a run before any work (settings, mesh, MODEL_DIR, the task and its vocabulary);
+    returns the vocabulary's model file. A ConfigError names the problem."""
+    train_config.check(config)
+    try:
+        return pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def train_task(config: TrainConfig, note: str = "") -> dict:
+    """Check everything, write MODEL_DIR/config.gin, train on the config's seqio task or mixture.
+    Bad input never touches MODEL_DIR. Returns the trainer's result."""
+    vocab_path = check(config)
+
+    def write_gin():
+        os.makedirs(config.model_dir, exist_ok=True)
+        if jax.process_index() != 0:
+            return  # every host runs this; one writes config.gin and prints the start line
+        with open(os.path.join(config.model_dir, "config.gin"), "w") as f:
+            f.write((note + "\n" if note else "") + gin.config_str())
+        print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
+              f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
+
+    return loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, on_checked=write_gin)
+
+
+def exit_code(result: dict) -> int:
+    """0 when the run reached TRAIN_STEPS; PREEMPTED_EXIT_CODE (143) when SIGTERM stopped it after saving."""
+    return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+
+
+def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, anneal_steps: Optional[int] = None,
+           end_value: Optional[float] = None, gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
+           search_paths: str = "", hosts: Optional[Mapping] = None) -> int:
+    """`ul2lab anneal`: copy the main run's checkpoint at `step` (default: latest) into output_dir and
+    train the infinite schedule's anneal there; the main run is untouched. Returns the exit code."""
+    start_hosts(**(hosts or {}))
+    main, new = os.path.abspath(checkpoint_dir), os.path.abspath(output_dir)
+    if not os.path.exists(os.path.join(main, "config.gin")):
+        raise UserError(f"--checkpoint_dir {main} has no config.gin: give the MODEL_DIR of a `ul2lab train` run")
+    if main == new or checkpoints.has_checkpoint(new):
+        raise UserError(f"--output_dir {new} already holds a checkpoint (or is the main run); "
+                        "give a new directory so the main run stays untouched")
+    available = checkpoints.all_steps(main)
+    step = (max(available) if available else None) if step is None else step
+    if step not in available:
+        raise UserError(f"{main} has no checkpoint at step {step}; it has steps {sorted(available)}")
+    config = load_train_config([os.path.join(main, "config.gin")] + list(gin_files),
+                               list(bindings) + [f"MODEL_DIR = {new!r}"], search_paths)
+    if not isinstance(config.learning_rate, schedules.InfiniteSchedule):
+        raise UserError("the main run's learning rate is not ul2lab.train.schedules.infinite_schedule; "
+                        "only an infinite schedule's constant phase can be branched into an anneal")
+    try:
+        branch = config.learning_rate.branch_anneal(step, anneal_steps, end_value)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    config = dataclasses.replace(config, model_dir=new, learning_rate=branch,
+                                 train_steps=step + branch.anneal_steps)
+    check(config)
+    checkpoints.copy_step(main, new, step)
+    note = (f"# anneal branch of {main} at step {step}: infinite_schedule.anneal_start={branch.anneal_start} "
+            f"anneal_steps={branch.anneal_steps} end_value={branch.end_value} (set by `ul2lab anneal`)")
+    return exit_code(train_task(config, note))
+
+
+def demo(model_dir: str = "ul2lab_demo", train_steps: Optional[int] = None, gin_files: Sequence[str] = (),
+         bindings: Sequence[str] = (), search_paths: str = "") -> int:
+    """`ul2lab demo`, the main job on CPU: continual UL2 pretraining of a tiny T5 on tables + text,
+    export to Hugging Face, a few predictions from both. Returns the exit code."""
+    started = time.time()
+    bindings = [f"MODEL_DIR = {os.path.abspath(model_dir)!r}"] + list(bindings)
+    if train_steps:
+        bindings.append(f"TRAIN_STEPS = {train_steps}")
+    config = load_train_config([DEMO_GIN] + list(gin_files), bindings, search_paths)
+    result = train_task(config)
+    if result.get("preempted"):
+        return exit_code(result)
+    hf_dir = os.path.join(config.model_dir, "hf")
+    export_and_predict(config, hf_dir)
+    print(f"demo done in {time.time() - started:.0f}s: checkpoint {config.model_dir}, Hugging Face model {hf_dir}")
+    return 0
+
+
+def export_and_predict(config, hf_dir: str, num_examples: int = 4):
+    """`ul2lab export-hf` of the run, then greedy predictions on a few of the mixture's examples,
+    from the JAX checkpoint and (when transformers is installed) from the exported model."""
+    convert.export_hf(config.model_dir, hf_dir, overwrite=True)
+    model_config, params, vocab = load_checkpoint(config.model_dir)
+    lengths = dict(config.task_feature_lengths)
+    dataset = seqio.get_dataset(config.mixture_or_task_name, lengths, seqio.EncDecFeatureConverter(pack=False),
+                                dataset_split="train", shuffle=True, seed=1234, num_epochs=1, verbose=False)
+    examples = list(dataset.take(num_examples).as_numpy_iterator())
+    inputs = np.stack([e["encoder_input_tokens"] for e in examples])
+    predicted, _ = decoding.predict(params, model_config, inputs, max_decode_length=lengths["targets"])
+    predicted = np.asarray(predicted)
+    hf_predicted = _hf_greedy(hf_dir, inputs, lengths["targets"])
+
+    def text(tokens, limit=160):
+        decoded = vocab.decode(strip_eos(tokens))
+        return decoded if len(decoded) <= limit else decoded[:limit] + " ..."
+
+    print(f"\ngreedy predictions of {config.model_dir} on {num_examples} examples of {config.mixture_or_task_name}:")
+    for i, example in enumerate(examples):
+        print(f"[{i}] input:      {text(example['encoder_input_tokens'])}")
+        print(f"    target:     {text(example['decoder_target_tokens'])}")
+        print(f"    prediction: {text(predicted[i])}")
+    if hf_predicted is not None:
+        same = sum(text(a, 10 ** 6) == text(b, 10 ** 6) for a, b in zip(predicted, hf_predicted))
+        print(f"exported Hugging Face model (transformers greedy generate): {same}/{len(examples)} predictions "
+              "identical to the JAX checkpoint's")
+
+
+def _hf_greedy(hf_dir: str, inputs, max_new_tokens: int):
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        ids = torch.as_tensor(inputs, dtype=torch.long)
+        out = model.generate(input_ids=ids, attention_mask=(ids > 0).long(), max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1)
+    return out[:, 1:].numpy()  # drop the decoder start token

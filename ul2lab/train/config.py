@@ -1,0 +1,164 @@
+"""A training run's settings (TrainConfig) and every check made before any work.
+
+The config is frozen: what changes during a run (parameters, optimizer moments, step, data
+position) lives in the TrainState and the checkpoint. `check` runs before anything is compiled
+or written, so bad input never costs a compile or touches MODEL_DIR.
+"""
+import dataclasses
+import os
+import signal
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+
+from ul2lab.errors import UserError
+from ul2lab.models.config import T5Config
+from ul2lab.train import checkpoints, partitioning
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Run settings (gin: `TrainConfig.<field> = ...`, see gin/runs/*.gin)."""
+    model_dir: str
+    model: T5Config
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]     # {"inputs": 512, "targets": 114}
+    train_steps: int                            # steps of this run, counted from step 0 of MODEL_DIR
+    batch_size: int                             # global examples (packed rows) per step
+    learning_rate: Optional[Callable] = None    # a schedule step -> lr; default t5x's rsqrt decay
+    optimizer: Optional[Callable] = None        # learning_rate -> optax transform; default Adafactor
+    num_microbatches: int = 1                   # gradient accumulation: batch_size / this per pass
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    loss_normalizing_factor: Any = "NUM_REAL_TARGET_TOKENS"
+    pack: bool = True
+    seed: int = 0                               # parameter init, dropout and data order
+    checkpoint_period: int = 1000
+    keep_checkpoints: Optional[int] = 3         # keep the last N ...
+    keep_period: Optional[int] = None           # ... plus every K-th step
+    async_checkpoints: bool = True
+    log_period: int = 10
+    initial_checkpoint_path: Optional[str] = None  # params only (import-hf output or another run)
+    mesh_shape: Mapping[str, int] = dataclasses.field(  # sizes of data/fsdp/model; -1 = the rest
+        default_factory=lambda: {"data": -1, "fsdp": 1, "model": 1})
+    num_devices: Optional[int] = None           # use only the first N devices (default: all)
+    logical_axis_rules: str = "standard"        # "standard" | "fsdp"
+    peak_flops_per_device: Optional[float] = None  # for MFU; default: flops.py's table for the device
+    tensorboard: bool = True
+    # a step with a non-finite loss or gradient norm is skipped (metrics "skipped_updates"); this many
+    # in a row stop the run with the last good state saved (None: skip them and never stop)
+    max_consecutive_nonfinite: Optional[int] = 20
+
+
+# exit status of a run stopped by SIGTERM after saving its step: 128 + SIGTERM, what a shell reports for
+# a process ended by SIGTERM, so schedulers and launch scripts treat it as "preempted, requeue me"
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class ConfigError(UserError, ValueError):
+    """The run's settings or data cannot work; raised before anything is written to MODEL_DIR."""
+
+
+class TrainingStopped(UserError, RuntimeError):
+    """The run stopped itself (non-finite losses, a checkpoint that cannot be written); the message
+    says at which step, what was saved, and what to do."""
+
+
+def check(config: TrainConfig):
+    """All checks of the run's settings (the task is checked by the data layer); returns
+    (mesh, logical axis rules). Nothing is written and nothing is compiled."""
+    try:
+        check_config(config)
+        checkpoints.check_same_model(config.model_dir, config.model)
+        mesh, rules = mesh_and_rules(config.mesh_shape, config.logical_axis_rules, config.num_devices)
+        check_batch_size(config.batch_size, config.num_microbatches, mesh, rules)
+        return mesh, rules
+    except (ConfigError, checkpoints.CheckpointError):
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_config(config: TrainConfig):
+    if not config.model_dir:
+        raise ValueError("MODEL_DIR is not set: bind MODEL_DIR (or TrainConfig.model_dir) to the run's directory")
+    check_model_dir(config.model_dir)
+    if not config.mixture_or_task_name:
+        raise ValueError("no task: set MIXTURE_OR_TASK_NAME to a registered seqio task or mixture")
+    if not isinstance(config.task_feature_lengths, Mapping):
+        raise ValueError(f"TASK_FEATURE_LENGTHS {config.task_feature_lengths!r} is not a dict; write e.g. "
+                         "{'inputs': 512, 'targets': 114}")
+    for key in ("inputs", "targets"):
+        if key not in config.task_feature_lengths:
+            raise ValueError(f"TASK_FEATURE_LENGTHS {dict(config.task_feature_lengths)} has no {key!r} "
+                             "length; write e.g. {'inputs': 512, 'targets': 114}")
+        length = config.task_feature_lengths[key]
+        if not _is_int(length) or length <= 0:
+            raise ValueError(f"TASK_FEATURE_LENGTHS[{key!r}] is {length!r}; lengths must be positive whole "
+                             "numbers of tokens, e.g. {'inputs': 512, 'targets': 114}")
+    for name, value in (("TRAIN_STEPS", config.train_steps), ("BATCH_SIZE", config.batch_size),
+                        ("TrainConfig.num_microbatches", config.num_microbatches),
+                        ("TrainConfig.log_period", config.log_period),
+                        ("TrainConfig.checkpoint_period", config.checkpoint_period)):
+        if not _is_int(value):
+            raise ValueError(f"{name} is {value!r} ({type(value).__name__}); it must be a whole number")
+    if config.num_microbatches <= 0:
+        raise ValueError(f"TrainConfig.num_microbatches ({config.num_microbatches}) must be positive")
+    if config.train_steps <= 0 or config.batch_size <= 0:
+        raise ValueError(f"TRAIN_STEPS ({config.train_steps}) and BATCH_SIZE ({config.batch_size}) must be positive")
+    if config.batch_size % config.num_microbatches:
+        raise ValueError(f"BATCH_SIZE {config.batch_size} is not divisible by TrainConfig.num_microbatches "
+                         f"{config.num_microbatches}; pick a batch size that is a multiple of it")
+    if config.log_period <= 0 or config.checkpoint_period <= 0:
+        raise ValueError("TrainConfig.log_period and checkpoint_period must be positive")
+    if config.max_consecutive_nonfinite is not None and (not _is_int(config.max_consecutive_nonfinite)
+                                                         or config.max_consecutive_nonfinite <= 0):
+        raise ValueError(f"TrainConfig.max_consecutive_nonfinite ({config.max_consecutive_nonfinite}) must be "
+                         "positive, or None to skip non-finite steps without ever stopping")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_model_dir(model_dir: str):
+    """MODEL_DIR must be a directory that exists or can be made (checked without writing anything)."""
+    if "://" in model_dir:  # gs:// and other remote paths: orbax reports problems with them itself
+        return
+    path = os.path.abspath(model_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"MODEL_DIR {model_dir} cannot be created: {existing} is a file; choose another MODEL_DIR")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"MODEL_DIR {model_dir} is not writable ({existing} does not allow writing); "
+                         "choose a writable MODEL_DIR or fix its permissions")
+
+
+def mesh_and_rules(mesh_shape: Mapping[str, int], rules_name: str, num_devices: Optional[int] = None):
+    """(device mesh, logical axis rules) of a run's mesh_shape / logical_axis_rules settings."""
+    devices = jax.devices()[:num_devices] if num_devices else None
+    return partitioning.create_mesh(**dict(mesh_shape), devices=devices), logical_axis_rules(rules_name)
+
+
+def logical_axis_rules(name: str):
+    rules = {"standard": partitioning.standard_logical_axis_rules, "fsdp": partitioning.fsdp_logical_axis_rules}
+    if name not in rules:
+        raise ValueError(f"TrainConfig.logical_axis_rules {name!r} is not known; use one of {sorted(rules)}")
+    return rules[name]()
+
+
+def check_batch_size(batch_size: int, num_microbatches: int, mesh, rules):
+    batch_axes = partitioning.batch_partition_spec(2, rules)[0] or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    data_parallel = int(np.prod([mesh.shape[axis] for axis in batch_axes]))
+    per_pass = batch_size // num_microbatches
+    if per_pass % data_parallel:
+        raise ValueError(
+            f"BATCH_SIZE {batch_size} (/{num_microbatches} microbatches = {per_pass}) is not "
+            f"divisible by the data-parallel size {data_parallel} (mesh {dict(mesh.shape)}); use a multiple "
+            f"of {data_parallel * num_microbatches}, or change the mesh")
+    if batch_size % jax.process_count():
+        raise ValueError(f"BATCH_SIZE {batch_size} is not divisible by the {jax.process_count()} hosts")
