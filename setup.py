@@ -14,6 +14,8 @@ CORE = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
+    "tensorboardX==2.6.5",   # TensorBoard scalars without TensorFlow (the train floor never imports it)
+    "matplotlib==3.11.2",    # loss.png
 ]
 DATA = [
     "seqio==0.0.20",
@@ -30,7 +32,7 @@ HF = [
     "transformers==5.24.0",
     "safetensors==0.8.0",
 ]
-TEST = ["pytest==9.0.3"] + HF
+TEST = ["pytest==9.0.3", "ruff==0.17.6", "import-linter==2.17"] + HF
 
 setup(
     name="ul2lab",

@@ -46,9 +46,10 @@ def synthetic_batch(index: int, batch_size: int = 8, length: int = 32, vocab_siz
 
 def child(args) -> int:
     import jax
-    from ul2lab.runs import train as train_run
-    from ul2lab.train import schedules, trainer
     from ul2lab.models.config import preset
+    from ul2lab.runs import train as train_run
+    from ul2lab.train import loop as trainer
+    from ul2lab.train import schedules
 
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -65,7 +66,7 @@ def child(args) -> int:
         learning_rate=schedules.constant_schedule(0.01), checkpoint_period=args.checkpoint_period,
         keep_checkpoints=2, log_period=1, tensorboard=False, num_devices=1,
         mesh_shape={"data": 1, "fsdp": 1, "model": 1})
-    return train_cli.exit_code(trainer.train(config, batches))
+    return train_run.exit_code(trainer.train(config, batches))
 
 
 def logged(model_dir):

@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ul2lab.train import flops, memory, optimizers, partitioning  # noqa: E402
-from ul2lab.train import loop as trainer  # noqa: E402
+from ul2lab.train import state as state_lib  # noqa: E402
 from ul2lab.models.config import PRESETS, preset  # noqa: E402
 
 

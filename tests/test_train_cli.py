@@ -81,8 +81,9 @@ def test_train_writes_config_checkpoints_and_a_falling_loss(straight_run):
     config, payload = checkpoints.read_config(straight_run)
     assert config.emb_dim == 64 and payload["task_feature_lengths"] == {"inputs": 32, "targets": 16}
     assert checkpoints.RunCheckpoints(straight_run).latest_step() == 8
-    events = [os.path.join(straight_run, "tensorboard", f) for f in os.listdir(os.path.join(straight_run, "tensorboard"))]
-    scalars = {(e.step, v.tag): float(tf.make_ndarray(v.tensor))
+    tensorboard_dir = os.path.join(straight_run, "train")  # t5x's layout
+    events = [os.path.join(tensorboard_dir, f) for f in os.listdir(tensorboard_dir)]
+    scalars = {(e.step, v.tag): v.simple_value
                for path in events for e in tf.compat.v1.train.summary_iterator(path) for v in e.summary.value}
     assert scalars[(8, "loss")] == pytest.approx(records[-1]["loss"])
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY_VOCAB_SIZE, first_documents
 from ul2lab.cli import main as cli
-from ul2lab.data import text_sources, vocab
+from ul2lab.data import vocab
 
 def test_model_follows_t5_conventions(tiny_vocabulary):
     sp = tiny_vocabulary.tokenizer

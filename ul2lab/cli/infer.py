@@ -52,7 +52,7 @@ def add_parser(subparsers):
     e.add_argument("--feature_lengths", dest="task_feature_lengths", metavar="inputs=N,targets=M",
                    help="examples are truncated to these lengths (default inputs=512,targets=114)")
     e.add_argument("--max_examples", type=int, help="evaluate only the first N examples")
-    e.add_argument("--eval_output_dir", help=f"write the metrics to DIR/metrics.json")
+    e.add_argument("--eval_output_dir", help="write the metrics to DIR/metrics.json")
     e.add_argument("--output_file", help="also write the metrics here as JSON")
     e.set_defaults(func=run_eval)
 

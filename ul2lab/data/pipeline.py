@@ -15,14 +15,9 @@ import seqio
 import tensorflow as tf
 
 
-def import_task_modules():
-    """Register ul2lab's own tasks and mixtures (ul2lab_tasks) with seqio."""
-    import ul2lab_tasks  # noqa: F401
-
-
 def get_mixture_or_task(name: str):
-    """The registered seqio task or mixture `name`, or a ValueError naming close matches."""
-    import_task_modules()
+    """The registered seqio task or mixture `name`, or a ValueError naming close matches (import the
+    modules that register tasks first: ul2lab.runs.task_modules)."""
     if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
         known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
         close = difflib.get_close_matches(name, known, n=3)

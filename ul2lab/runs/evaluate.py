@@ -12,6 +12,7 @@ from ul2lab.data import pipeline
 from ul2lab.errors import UserError
 from ul2lab.files import atomic_write
 from ul2lab.models import decoding
+from ul2lab.runs import task_modules
 from ul2lab.runs.infer import batch_slices, load_checkpoint, pad_rows, predict_tokens, strip_eos
 from ul2lab.runs.settings import EVAL_METRICS_FILE, EvalConfig
 
@@ -37,6 +38,7 @@ def run_eval(settings: EvalConfig) -> dict:
 def evaluate(config, params, settings: EvalConfig) -> dict:
     """{task name: {metric: value}} from seqio.Evaluator with this model's predict and score fns."""
     mixture_or_task, split, lengths = settings.mixture_or_task_name, settings.split, settings.task_feature_lengths
+    task_modules.import_task_modules()
     try:
         pipeline.get_mixture_or_task(mixture_or_task)
     except ValueError as e:

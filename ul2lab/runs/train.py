@@ -20,7 +20,7 @@ from ul2lab.errors import UserError
 from ul2lab.interop import convert
 from ul2lab.models import decoding
 from ul2lab.models.config import T5Config
-from ul2lab.runs import gin_config
+from ul2lab.runs import gin_config, task_modules
 from ul2lab.runs.infer import load_checkpoint, strip_eos
 from ul2lab.train import checkpoints, distributed, loop, schedules, xla_flags
 from ul2lab.train import config as train_config
@@ -65,6 +65,7 @@ def check(config: TrainConfig) -> Optional[str]:
     """Every check of a run before any work (settings, mesh, MODEL_DIR, the task and its vocabulary);
     returns the vocabulary's model file. A ConfigError names the problem."""
     train_config.check(config)
+    task_modules.import_task_modules()
     try:
         return pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
     except ValueError as e:

@@ -1,18 +1,19 @@
 """What a person sees during and after a run: a progress line, metrics.jsonl, TensorBoard, a loss PNG.
 
 metrics.jsonl holds one JSON object per logged step ({"step": 100, "loss": 3.2, "learning_rate":
-0.01, ...}); TensorBoard event files go to MODEL_DIR/tensorboard (TensorFlow is imported only
-when the logger starts, and the run goes on without it if it is missing). The loss curve is
-drawn into a PNG by hand (zlib + a 3x5 pixel font), so no plotting library is needed.
+0.01, ...}); TensorBoard scalars go to MODEL_DIR/train, as t5x lays them out (written with
+tensorboardX, which needs no TensorFlow); the loss curve is drawn with matplotlib into loss.png.
 """
 import json
 import math
 import os
-import struct
 import sys
 import time
-import zlib
 from typing import Dict, List, Optional
+
+from ul2lab.files import atomic_path
+
+TENSORBOARD_TRAIN_DIR = "train"  # t5x's name for the training scalars' folder in MODEL_DIR
 
 
 def format_duration(seconds: float) -> str:
@@ -57,24 +58,13 @@ class RunLogger:
         self.writer = self._tensorboard_writer() if tensorboard and write_files else None
 
     def _tensorboard_writer(self):
-        try:
-            import tensorflow as tf
-        except ImportError:
-            return None
-        return tf.summary.create_file_writer(os.path.join(self.model_dir, "tensorboard"))
+        from tensorboardX import SummaryWriter
+        return SummaryWriter(logdir=os.path.join(self.model_dir, TENSORBOARD_TRAIN_DIR))
 
     def _write_scalars(self, record: Dict[str, float]):
-        # tf.summary.scalar needs the tensorboard package; tf.summary.write with the "scalars" plugin
-        # tag writes the same event records with TensorFlow alone
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-        with self.writer.as_default(step=int(record["step"])):
-            for name, value in record.items():
-                if name != "step":
-                    tf.summary.write(name, tf.constant(value, tf.float32), metadata=metadata)
+        for name, value in record.items():
+            if name != "step":
+                self.writer.add_scalar(name, value, global_step=int(record["step"]))
         self.writer.flush()
 
     def log(self, step: int, metrics: Dict[str, float]):
@@ -136,79 +126,20 @@ def _whole_run(jsonl_path: str) -> List[dict]:
     return [by_step[s] for s in sorted(by_step) if "loss" in by_step[s]]
 
 
-# ---------------------------------------------------------------------------------------------
-# A loss curve PNG without a plotting library.
+def write_loss_png(path: str, points):
+    """Loss against step (matplotlib, Agg backend: no display needed), written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
 
-_GLYPHS = {  # 3x5 bitmaps, rows top to bottom: digits and the letters of the axis labels
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "e": "000111111100111", " ": "000000000000000", "l": "110010010010111", "o": "000111101101111",
-    "s": "000111110011111", "t": "010111010010011", "p": "000111101111100",
-}
-
-
-def _text(canvas, x: int, y: int, text: str, scale: int = 2):
-    for i, ch in enumerate(text):
-        bits = _GLYPHS.get(ch, _GLYPHS[" "])
-        for r in range(5):
-            for c in range(3):
-                if bits[r * 3 + c] == "1":
-                    for dy in range(scale):
-                        for dx in range(scale):
-                            _set(canvas, x + i * 4 * scale + c * scale + dx, y + r * scale + dy, (0, 0, 0))
-
-
-def _set(canvas, x, y, color):
-    if 0 <= y < len(canvas) and 0 <= x < len(canvas[0]) // 3:
-        canvas[y][3 * x:3 * x + 3] = bytes(color)
-
-
-def _line(canvas, x0, y0, x1, y1, color):
-    n = max(abs(x1 - x0), abs(y1 - y0), 1)
-    for i in range(n + 1):
-        _set(canvas, round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), color)
-
-
-def write_loss_png(path: str, points, width: int = 640, height: int = 400):
-    """Loss against step: axes, the curve in blue, min/max labels for both axes."""
-    left, right, top, bottom = 70, 20, 20, 40
-    canvas = [bytearray(b"\xff" * (3 * width)) for _ in range(height)]
-    steps = [p[0] for p in points]
-    losses = [p[1] for p in points if math.isfinite(p[1])] or [0.0]
-    lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1.0
-    s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-
-    def xy(step, loss):
-        x = left + (step - s0) / (s1 - s0) * (width - left - right)
-        y = top + (hi - loss) / (hi - lo) * (height - top - bottom)
-        return round(x), round(y)
-
-    _line(canvas, left, top, left, height - bottom, (0, 0, 0))
-    _line(canvas, left, height - bottom, width - right, height - bottom, (0, 0, 0))
-    previous = None
-    for step, loss in points:
-        if not math.isfinite(loss):
-            continue
-        current = xy(step, loss)
-        if previous is not None:
-            _line(canvas, *previous, *current, (31, 119, 180))
-        previous = current
-    _text(canvas, 4, top, f"{hi:.3g}")
-    _text(canvas, 4, height - bottom - 10, f"{lo:.3g}")
-    _text(canvas, left, height - bottom + 8, str(s0))
-    _text(canvas, width - right - 4 * 2 * len(str(s1)), height - bottom + 8, str(s1))
-    _text(canvas, 4, (top + height - bottom) // 2, "loss")
-    _text(canvas, (left + width - right) // 2 - 16, height - bottom + 8, "step")
-    raw = b"".join(b"\x00" + bytes(row) for row in canvas)
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
+    steps = [p[0] for p in points if math.isfinite(p[1])]
+    losses = [p[1] for p in points if math.isfinite(p[1])]
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    axes.plot(steps, losses, color="tab:blue")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
