@@ -193,22 +193,3 @@ class _StopOnSigterm:
     def restore(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-class _StopOnSigterm:
-    """Turns SIGTERM (preemption) into a request to save and stop after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, preemption then loses the last steps
-            pass
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
