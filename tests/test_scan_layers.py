@@ -136,6 +136,7 @@ def test_scanned_checkpoint_exports_to_hf_and_imports_back_stacked(params, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_adafactor_updates_each_scanned_layer_as_its_own_tensor(params):
     """t5x's Adafactor factors, clips and scales by the parameter's RMS per tensor, and unrolled
     layers are separate tensors: a few steps of scanned training match the unrolled run's."""

@@ -104,6 +104,26 @@ def test_local_text_task_from_txt_and_jsonl(tmp_path, tiny_vocabulary):
         assert len(ex["targets"]) <= 32
 
 
+def test_local_text_task_file_order_is_fixed_by_the_seed(tmp_path, tiny_vocabulary):
+    """Shuffled file order is a function of the seed: the same on every host and every resume
+    (it used tf.random.shuffle without a seed), different for another seed."""
+    for i in range(12):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}")
+    task = text_tasks.local_text_task("test_file_order", str(tmp_path / "*.txt"),
+                                      vocabulary=tiny_vocabulary, denoisers="T5")
+
+    def first_texts(seed):
+        ds = task.source.get_dataset("train", shuffle=True, seed=seed)
+        return [r["text"].decode() for r in ds.as_numpy_iterator()]
+
+    order = first_texts(seed=7)
+    assert sorted(order) == sorted(f"document number {i}" for i in range(12))
+    assert first_texts(seed=7) == order  # a resume / another host
+    assert first_texts(seed=8) != order
+    assert order != [f"document number {i}" for i in range(12)]  # shuffled at all
+    assert first_texts(seed=None) == first_texts(seed=None)
+
+
 def test_local_text_task_bad_input_is_named(tmp_path, tiny_vocabulary):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         text_tasks.local_text_task("test_missing", str(tmp_path / "nothing-here*.txt"),

@@ -97,6 +97,7 @@ def test_resumed_run_through_seqio_reproduces_the_straight_run(straight_run, tmp
     assert resumed == straight
 
 
+@pytest.mark.slow
 def test_anneal_branches_into_a_new_directory_and_leaves_the_main_run_alone(straight_run, tmp_path):
     before = sorted(os.listdir(straight_run)), open(os.path.join(straight_run, "metrics.jsonl")).read()
     branch = str(tmp_path / "annealed")

@@ -56,6 +56,7 @@ def uninterrupted(tmp_path_factory):
     return model_dir, trainer.train(make_config(model_dir), synthetic_batches())
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_reproduces_the_uninterrupted_losses(uninterrupted, tmp_path):
     _, full = uninterrupted
     # SIGTERM arrives while the 5th batch is drawn: step 5 finishes, is saved, and the run stops
@@ -88,6 +89,7 @@ def test_run_directory_holds_config_metrics_curve_and_checkpoints(uninterrupted)
     assert "loss 5." in full["summary"] or "loss" in full["summary"]
 
 
+@pytest.mark.slow
 def test_eight_devices_data2_model4_match_one_device(uninterrupted, tmp_path):
     _, one = uninterrupted  # dropout keys do not depend on the sharding, so dropout stays on
     eight = trainer.train(make_config(tmp_path, num_devices=8, mesh_shape={"data": 2, "fsdp": 1, "model": 4},
