@@ -142,7 +142,7 @@ def params_logical_specs(abstract_params) -> Any:
 def params_shardings(abstract_params, mesh: Mesh, rules: LogicalRules) -> Any:
     """NamedSharding per parameter, same tree as the unboxed params.
 
-    `abstract_params` is the boxed tree from `ul2lab.models.abstract_params(config)`
+    `abstract_params` is the boxed tree from `ul2lab.models.network.abstract_params(config)`
     (or `init(...)` before unboxing); unboxed leaves are replicated.
     """
     return nn.logical_to_mesh_sharding(params_logical_specs(abstract_params), mesh, rules)
