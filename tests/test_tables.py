@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from ul2lab.data import tables
+from ul2lab.data import skips, tables
 
 # WikiTableQuestions csv/: every cell quoted, \" and \\ escapes, newlines inside cells.
 WIKITQ_CSV = (
@@ -90,12 +90,33 @@ def test_corpus_skips_and_counts_bad_files_and_keeps_the_rest(tmp_path, caplog):
     write(tmp_path / "all_csv/1-2.html.csv", "a#b\n1#2\n")
     write(tmp_path / "more/t.tsv", "x\ty\n3\t4\n")
     stats = collections.Counter()
+    skips.reset()
     with caplog.at_level(logging.WARNING):
         got = list(tables.iter_tables(str(tmp_path), stats=stats))
     assert sorted(t.source for t in got) == ["all_csv/1-2.html.csv", "csv/200-csv/0.csv",
                                              "more/t.tsv"]
     assert stats["files"] == 4 and stats["skipped_files"] == 1
     assert "1.csv" in caplog.text
+
+
+def test_many_bad_files_are_one_warning_line_and_one_summary_line(tmp_path, caplog):
+    """A corpus with many unreadable files says so once (with the first file) and counts the rest;
+    every file is still named at debug level."""
+    write(tmp_path / "good.tsv", "x\ty\n3\t4\n")
+    for i in range(7):
+        write(tmp_path / f"bad{i}.csv", "")
+    stats = collections.Counter()
+    skips.reset()
+    with caplog.at_level(logging.DEBUG):
+        got = list(tables.iter_tables(str(tmp_path), stats=stats))
+        got += list(tables.iter_tables(str(tmp_path), stats=stats))  # a second epoch
+    assert len(got) == 2 and stats["skipped_files"] == 14
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "bad0.csv" in warnings[0].getMessage()
+    assert sum("bad6.csv" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 2
+    assert skips.summary() == "skipped while reading the data: 14 unreadable table files"
+    skips.reset()
+    assert skips.summary() == ""
 
 
 def test_corpus_directory_missing_is_a_clear_error(tmp_path):

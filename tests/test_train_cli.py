@@ -171,3 +171,19 @@ def test_every_run_file_builds_a_config_with_every_model(run_file, model_file):
         assert config.initial_checkpoint_path == "/ckpt"
     if run_file == "runs/finetune.gin":
         assert config.model.dropout_rate == 0.1 and config.task_feature_lengths["targets"] == 114
+
+
+def test_a_data_command_on_a_cpu_machine_prints_its_error_and_nothing_else(tmp_path):
+    """The console script as a newcomer runs it, in a fresh process: TensorFlow's native start-up
+    lines (absl's pre-init notice, "Could not find cuda drivers", "failed call to cuInit") used to
+    precede every command's output; now a bad checkpoint path is one line on stderr."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    missing = str(tmp_path / "no_such_run")
+    done = subprocess.run([sys.executable, "-c", "import sys; from ul2lab.cli.main import main; sys.exit(main())",
+                           "eval", f"--checkpoint_dir={missing}", "--mixture_or_task", TASK],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ul2lab eval: error:") and missing in lines[0], done.stderr

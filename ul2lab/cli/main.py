@@ -13,6 +13,27 @@ from ul2lab.errors import UserError
 
 # in the order `ul2lab --help` lists them
 SUBCOMMAND_MODULES = (train, hf, vocab, infer)
+# commands that run the seqio data pipeline, so import TensorFlow anyway
+DATA_PIPELINE_COMMANDS = ("train", "anneal", "demo", "eval", "infer")
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with the process's native stderr closed. On import it writes lines no
+    setting stops (absl's "log messages before absl::InitializeLog()", "Could not find cuda drivers"
+    on a CPU machine) straight to file descriptor 2; they mean nothing to a user of the data pipeline.
+    Python errors of the import still surface: they are raised after stderr is restored."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    # TensorFlow (the data pipeline) logs its C++ start-up chatter unless told otherwise
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow (the data pipeline) logs its C++ chatter unless told otherwise; level 3 also hides
+    # "failed call to cuInit" on a machine without a GPU (TF only feeds data here, on the CPU)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
@@ -34,6 +56,8 @@ def main(argv=None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        if args.command in DATA_PIPELINE_COMMANDS:
+            import_tensorflow_quietly()
         return int(args.func(args) or 0)
     except UserError as e:
         command = next((a for a in argv if not a.startswith("-")), "")

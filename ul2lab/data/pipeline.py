@@ -8,11 +8,24 @@ model's); `seqio_batches` is deterministic for a seed, so a resumed run that ski
 already drew sees exactly the batches an uninterrupted run would have.
 """
 import difflib
+import logging
 from typing import Iterator, Mapping, Optional
 
 import jax
 import seqio
 import tensorflow as tf
+
+
+class _DropSeqioUncachedWarning(logging.Filter):
+    """seqio warns, on every dataset it builds, that an uncached FunctionDataset shuffles poorly on
+    restarts. It does not apply here: a resumed run restores or replays its data position exactly
+    (same seed, same order), so the warning only buries the progress lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using an uncached FunctionDataset")
+
+
+logging.getLogger("absl").addFilter(_DropSeqioUncachedWarning())
 
 
 def get_mixture_or_task(name: str):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 from typing import Mapping, Optional
 
 import gin
@@ -35,6 +34,7 @@ import tensorflow as tf
 
 from ul2lab.data import linearize as lin
 from ul2lab.data import objectives
+from ul2lab.data import skips
 from ul2lab.data.tables import TableReadError, table_from_json
 
 DENOISERS = ("cell", "row", "column")
@@ -44,7 +44,6 @@ LinearizeConfig = gin.external_configurable(lin.LinearizeConfig, module="ul2lab"
 
 # Tables skipped by `linearize_tables` (header alone over budget, unreadable JSON), process-wide.
 SKIPPED = collections.Counter()
-_WARNED_OVER_BUDGET = set()  # (table source, token budget) already reported in this process
 
 
 def unit_ids(linearized: lin.Linearized) -> dict[str, np.ndarray]:
@@ -88,18 +87,13 @@ def linearize_tables(dataset: tf.data.Dataset, sequence_length: Mapping[str, int
         try:
             table = table_from_json(json.loads(table_json.decode("utf-8")), "table")
         except (ValueError, TableReadError) as e:
-            SKIPPED["unreadable"] += 1
-            logging.warning("Skipping a table that cannot be decoded: %s", e)
+            skips.skipped("tables that cannot be decoded", str(e), SKIPPED, "unreadable")
             table = None
         if table is not None:
             result = lin.linearize(table, vocabulary, budget, config=config)
             if not result.fits:
-                SKIPPED["header_over_budget"] += 1
-                # every epoch, and every task over the same tables, meets them again: say it once
-                if (table.source, budget) not in _WARNED_OVER_BUDGET:
-                    _WARNED_OVER_BUDGET.add((table.source, budget))
-                    logging.warning("Skipping table %s: its header alone needs more than %d tokens",
-                                    table.source, budget)
+                skips.skipped(f"tables whose header alone needs more than {budget} tokens", table.source,
+                              SKIPPED, "header_over_budget")
         if table is None or not result.fits:
             empty = np.zeros([0], np.int32)
             return empty, empty, empty, empty, b"", False, False

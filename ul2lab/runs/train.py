@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import seqio
 
-from ul2lab.data import pipeline
+from ul2lab.data import pipeline, skips
 from ul2lab.errors import UserError
 from ul2lab.interop import convert
 from ul2lab.models import decoding
@@ -86,7 +86,10 @@ def train_task(config: TrainConfig, note: str = "") -> dict:
         print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
               f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
 
-    return loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, on_checked=write_gin)
+    result = loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, on_checked=write_gin)
+    if skips.summary() and jax.process_index() == 0:
+        print(skips.summary(), "(details at debug level)", flush=True)
+    return result
 
 
 def exit_code(result: dict) -> int:
