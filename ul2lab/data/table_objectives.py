@@ -92,7 +92,8 @@ def linearize_tables(dataset: tf.data.Dataset, sequence_length: Mapping[str, int
         if table is not None:
             result = lin.linearize(table, vocabulary, budget, config=config)
             if not result.fits:
-                skips.skipped(f"tables whose header alone needs more than {budget} tokens", table.source,
+                skips.skipped("tables whose header alone exceeds the token budget",
+                              f"{table.source} (budget {budget} tokens)",
                               SKIPPED, "header_over_budget")
         if table is None or not result.fits:
             empty = np.zeros([0], np.int32)

@@ -239,15 +239,46 @@ def score(params, config: T5Config, encoder_input_tokens, decoder_target_tokens)
     return jnp.sum(jnp.where(decoder_target_tokens > 0, token_log_prob, 0.0), axis=-1)
 
 
+# The one statement of which decoding settings work: (field, test, what to use instead). predict()
+# raises on them; ul2lab.runs.settings reports them with the flag and gin names a user typed.
+DECODE_SETTING_RULES = (
+    ("max_decode_length", lambda v: v >= 1, "a positive number"),
+    ("beam_size", lambda v: v >= 1, "1 (greedy) or more"),
+    ("alpha", lambda v: v >= 0, "0 (no length penalty) or a positive number"),
+    ("temperature", lambda v: v >= 0, "0 (greedy) or a positive number"),
+    ("top_k", lambda v: v >= 0, "0 (all tokens) or a positive number"),
+    ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"))
+
+
+def decode_settings_problem(**settings) -> Optional[Tuple[Tuple[str, ...], str]]:
+    """(the fields at fault, what is wrong) for the first decoding setting that cannot work, or None.
+    Fields not given are not checked; each rule names its fix."""
+    for field, ok, fix in DECODE_SETTING_RULES:
+        if field not in settings:
+            continue
+        value = settings[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return (field,), f"is {value!r} ({type(value).__name__}); use a number: {fix}"
+        if not ok(value):
+            return (field,), f"{value!r} is invalid; use {fix}"
+    beam_size, temperature = settings.get("beam_size", 1), settings.get("temperature", 0)
+    if beam_size > 1 and temperature > 0:
+        return ("beam_size", "temperature"), ("both ask for a decoding method (beam search when > 1, sampling "
+                                              "when > 0): choose beam search or sampling")
+    if (settings.get("top_k", 0) or settings.get("top_p", 1) < 1) and temperature == 0:
+        return ("top_k", "top_p"), "only apply to sampling; also set temperature (e.g. 1.0)"
+    return None
+
+
 def predict(params, config: T5Config, encoder_input_tokens, max_decode_length: int, *, beam_size: int = 1,
             alpha: float = 0.6, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
             rng: Optional[jax.Array] = None, eos_id: int = EOS_ID) -> Tuple[jax.Array, jax.Array]:
     """(tokens [batch, max_decode_length], log-likelihood [batch]) by the chosen method:
     beam search when beam_size > 1, sampling when temperature > 0, greedy otherwise."""
-    if alpha < 0:
-        raise ValueError(f"beam search alpha must be >= 0 (the length penalty), got {alpha}")
-    if beam_size > 1 and temperature > 0:
-        raise ValueError("choose beam search (beam_size > 1) or sampling (temperature > 0), not both")
+    problem = decode_settings_problem(max_decode_length=max_decode_length, beam_size=beam_size, alpha=alpha,
+                                      temperature=temperature, top_k=top_k, top_p=top_p)
+    if problem:
+        raise ValueError(f"{' / '.join(problem[0])} {problem[1]}")
     if beam_size > 1:
         tokens, _, log_lik = beam_search_predict(params, config, encoder_input_tokens, max_decode_length,
                                                  beam_size, alpha, eos_id)

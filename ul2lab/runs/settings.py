@@ -8,6 +8,7 @@ import dataclasses
 from typing import List, Mapping, Optional
 
 from ul2lab.errors import UserError
+from ul2lab.models import decoding
 
 EVAL_METRICS_FILE = "metrics.json"  # what `ul2lab eval` writes into EVAL_OUTPUT_DIR
 
@@ -72,15 +73,8 @@ def check_settings(settings: DecodeSettings):
     def name(field):
         return f"{flag(field)} ({cls}.{field})"
 
-    for field, ok, fix in [
-            ("batch_size", lambda v: v >= 1, "a positive number"),
-            ("max_decode_length", lambda v: v >= 1, "a positive number"),
-            ("max_input_length", lambda v: v >= 2, "at least 2"),
-            ("beam_size", lambda v: v >= 1, "1 (greedy) or more"),
-            ("alpha", lambda v: v >= 0, "0 (no length penalty) or a positive number"),
-            ("temperature", lambda v: v >= 0, "0 (greedy) or a positive number"),
-            ("top_k", lambda v: v >= 0, "0 (all tokens) or a positive number"),
-            ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")]:
+    for field, ok, fix in [("batch_size", lambda v: v >= 1, "a positive number"),
+                           ("max_input_length", lambda v: v >= 2, "at least 2")]:
         if not hasattr(settings, field):
             continue
         value = getattr(settings, field)
@@ -88,10 +82,11 @@ def check_settings(settings: DecodeSettings):
             raise UserError(f"{name(field)} is {value!r} ({type(value).__name__}); use a number: {fix}")
         if not ok(value):
             raise UserError(f"{name(field)} {value!r} is invalid; use {fix}")
-    if settings.beam_size > 1 and settings.temperature > 0:
-        raise UserError("--beam_size > 1 and --temperature > 0 both given; choose beam search or sampling")
-    if (settings.top_k or settings.top_p < 1) and settings.temperature == 0:
-        raise UserError("--top_k/--top_p only apply to sampling; also pass --temperature (e.g. 1.0)")
+    problem = decoding.decode_settings_problem(**{f: getattr(settings, f) for f, _, _ in decoding.DECODE_SETTING_RULES
+                                                  if hasattr(settings, f)})
+    if problem:
+        fields, what = problem
+        raise UserError(f"{' and '.join(name(f) for f in fields)} {what}")
     if getattr(settings, "mode", "predict") not in ("predict", "score"):
         raise UserError(f"{name('mode')} {settings.mode!r} is invalid; use predict or score")
     lengths = getattr(settings, "task_feature_lengths", {"inputs": 1, "targets": 1})
