@@ -54,10 +54,17 @@ def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_
     return config
 
 
+def set_tfds_data_dir(tfds_data_dir: Optional[str]):
+    """Where seqio's TFDS sources read prepared datasets (t5x's --tfds_data_dir); None: TFDS_DATA_DIR."""
+    if tfds_data_dir:
+        seqio.set_tfds_data_dir_override(tfds_data_dir)
+
+
 def train_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: str = "",
-                   hosts: Optional[Mapping] = None) -> int:
+                   hosts: Optional[Mapping] = None, tfds_data_dir: Optional[str] = None) -> int:
     """`ul2lab train`: join the other hosts, parse the gin files, train or resume. Returns the exit code."""
     start_hosts(**(hosts or {}))
+    set_tfds_data_dir(tfds_data_dir)
     return exit_code(train_task(load_train_config(gin_files, bindings, search_paths)))
 
 
@@ -96,10 +103,11 @@ def exit_code(result: dict) -> int:
 
 def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, anneal_steps: Optional[int] = None,
            end_value: Optional[float] = None, gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
-           search_paths: str = "", hosts: Optional[Mapping] = None) -> int:
+           search_paths: str = "", hosts: Optional[Mapping] = None, tfds_data_dir: Optional[str] = None) -> int:
     """`ul2lab anneal`: copy the main run's checkpoint at `step` (default: latest) into output_dir and
     train the infinite schedule's anneal there; the main run is untouched. Returns the exit code."""
     start_hosts(**(hosts or {}))
+    set_tfds_data_dir(tfds_data_dir)
     main, new = os.path.abspath(checkpoint_dir), os.path.abspath(output_dir)
     if not os.path.exists(os.path.join(main, "config.gin")):
         raise UserError(f"--checkpoint_dir {main} has no config.gin: give the MODEL_DIR of a `ul2lab train` run")
