@@ -88,7 +88,7 @@ def test_shortened_plans_are_reported_in_one_line(tiny_vocabulary, caplog):
         plans = O.plan_denoisers("UL2R", {"inputs": 1000, "targets": 1000}, tiny_vocabulary)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert "X(3, 0.5) use shorter text" in warnings[0] and "--extra_ids 248" in warnings[0]
+    assert "X(3, 0.5) uses shorter text" in warnings[0] and "--extra_ids 248" in warnings[0]
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(info) == 1 and O.describe_plans(plans) in info[0]
     x3 = next(p for p in plans if str(p.denoiser) == "X(3, 0.5)")

@@ -339,9 +339,9 @@ def _report(plans, sequence_length, input_feature_key, sentinels) -> None:
     if capped:
         needed = max(p.longest_raw_spans for p in capped)
         logging.warning(
-            "%s use shorter text than the inputs length allows (inputs %s of %d), because the "
+            "%s %s shorter text than the inputs length allows (inputs %s of %d), because the "
             "vocabulary has %d sentinels; span lengths and noise density stay exact. To fill the "
-            "length, %s", ", ".join(str(p.denoiser) for p in capped),
+            "length, %s", ", ".join(str(p.denoiser) for p in capped), "uses" if len(capped) == 1 else "use",
             ", ".join(str(p.inputs_length) for p in capped), sequence_length[input_feature_key],
             sentinels, _extra_ids_hint(needed))
 
