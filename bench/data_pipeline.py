@@ -17,8 +17,8 @@ All of them concatenate 128 documents per block, run every map with tf.data AUTO
 parallelism (seqio's policy), and end in the same counting map (sequential) and batch.
 
 Both objectives read all the text; they cut it differently: a T5 example takes 568 tokens of
-text, a UL2 example the raw length of its denoiser (mean over the seven ≈ 700), so per example
-the MoD does ~24% more work. The fair figure is therefore text tokens per CPU second (same
+text, a UL2 example the raw length of its denoiser (mean over the seven ≈ 657 with 100 sentinels,
+X(3, .5) planned shorter to stay within them), so per example the MoD does ~16% more work. The fair figure is therefore text tokens per CPU second (same
 input, same output format); examples/s is reported too, with the text each example took.
 
 "Per core" divides by the CPU seconds the process used (time.process_time, all threads), so the

@@ -16,7 +16,11 @@ Downstream (from local files under the data directory: gin `ul2lab.table_data_di
 UL2LAB_DATA_DIR environment variable; tasks register without the files and name the missing path
 when a split is requested):
   wikitq      question ; table → answers joined with ", "   (denotation accuracy)
-              {data_dir}/wikitq/data/random-split-1-{train,dev}.tsv, tables under {data_dir}/wikitq
+              {data_dir}/wikitq/data/random-split-1-{train,dev}.tsv, tables under {data_dir}/wikitq;
+              split `pristine_seen_tables` (data/pristine-seen-tables.tsv). Scored as the official
+              evaluator scores: gold values from the CoreNLP-tagged files (tagged/data/*.tagged or
+              tagged/*.tagged, column targetCanon) where present, else a heuristic fallback (the
+              metric reports how many questions used each).
   tabfact     statement ; table → entailed / refuted          (accuracy)
               {data_dir}/tabfact/{train,val}_examples.json, tables in {data_dir}/tabfact/all_csv
   register_table_qa_jsonl_task(name, paths)   generic JSONL: {"question", "table" | "table_file",
@@ -24,6 +28,9 @@ when a split is requested):
   table_eval  mixture of wikitq and tabfact for evaluation.
 
 A question whose table file is missing is skipped, counted in `SKIPPED`, and logged with the path.
+A question whose question and header do not fit the inputs length is dropped from the training
+split; in the evaluation splits it is kept, marked unscorable, and its metric counts it as wrong
+(the official evaluators count a question without an answer as wrong).
 """
 from __future__ import annotations
 
@@ -191,14 +198,47 @@ def _unescape_wikitq(field: str) -> str:
     return field.replace(r"\n", "\n").replace(r"\p", "|").replace("\\\\", "\\")
 
 
+TAGGED_FOLDERS = ("tagged/data", "tagged")  # the release's layout, and a folder of .tagged files
+
+
+@functools.lru_cache(maxsize=8)
+def wikitq_tagged_gold(root: str) -> dict:
+    """{question id: (targetValue answers, targetCanon values)} from every `*.tagged` file of the
+    dataset's CoreNLP-tagged release under `root` (as the official evaluator reads its tagged
+    folder); {} when there is none."""
+    gold = {}
+    for folder in TAGGED_FOLDERS:
+        directory = os.path.join(root, folder)
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(".tagged"):
+                continue
+            path = os.path.join(directory, name)
+            with open(path, encoding="utf-8") as f:
+                header = f.readline().rstrip("\n").split("\t")
+                if not {"id", "targetValue", "targetCanon"} <= set(header):
+                    logging.warning("Ignoring %s: it has no id, targetValue and targetCanon columns", path)
+                    continue
+                for line in f:
+                    fields = dict(zip(header, line.rstrip("\n").split("\t")))
+                    answers = [_unescape_wikitq(a) for a in fields.get("targetValue", "").split("|")]
+                    canon = [_unescape_wikitq(c) for c in fields.get("targetCanon", "").split("|")]
+                    if len(canon) == len(answers):
+                        gold[fields["id"]] = (answers, canon)
+    return gold
+
+
 def wikitq_examples(questions_path: str, root: str) -> Iterator[dict]:
-    """WikiTQ questions (TSV: id, utterance, context, targetValue) with their tables."""
+    """WikiTQ questions (TSV: id, utterance, context, targetValue) with their tables, and the tagged
+    gold ("answers_canon", the official targetCanon) of those the tagged files hold."""
     _require(questions_path, "WikiTableQuestions question file")  # now, not when first read
     return _wikitq_examples(questions_path, root)
 
 
 def _wikitq_examples(questions_path: str, root: str) -> Iterator[dict]:
     read = _table_cache(lambda p: tables.read_wikitq_csv(p, source=os.path.relpath(p, root)))
+    tagged = wikitq_tagged_gold(root)
     with open(questions_path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         for n, line in enumerate(f, 2):
@@ -216,8 +256,10 @@ def _wikitq_examples(questions_path: str, root: str) -> Iterator[dict]:
                                 fields.get("id", f"line {n}"), table_path)
                 continue
             answers = [_unescape_wikitq(a) for a in fields["targetValue"].split("|")]
+            # the official evaluator takes both the answers and their canon from the tagged file
+            answers, canon = tagged.get(fields.get("id"), (answers, []))
             yield {"id": fields.get("id", str(n)), "question": _unescape_wikitq(fields["utterance"]),
-                   "table": table.to_json(), "answers": answers,
+                   "table": table.to_json(), "answers": answers, "answers_canon": canon,
                    "targets": ANSWER_SEPARATOR.join(answers)}
 
 
@@ -283,16 +325,27 @@ def _table_qa_jsonl_examples(path: str) -> Iterator[dict]:
 
 _QA_SIGNATURE = {"id": tf.TensorSpec([], tf.string), "question": tf.TensorSpec([], tf.string),
                  "table": tf.TensorSpec([], tf.string), "answers": tf.TensorSpec([None], tf.string),
+                 "answers_canon": tf.TensorSpec([None], tf.string),
                  "targets": tf.TensorSpec([], tf.string)}
+TRAIN_SPLIT = "train"  # the one split that drops questions its inputs cannot hold
 
 
 def qa_source(split_files: Mapping[str, Callable[[], Iterator[dict]]]) -> seqio.FunctionDataSource:
-    """A source whose splits call `split_files[split]()` for examples; files are opened lazily."""
+    """A source whose splits call `split_files[split]()` for examples; files are opened lazily.
+    Every example also says whether its split is evaluated ("evaluation_split": not train)."""
+
+    def with_defaults(generate):
+        def generator():
+            for example in generate():
+                yield {"answers_canon": [], **example}
+        return generator
 
     def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
         del shuffle_files, seed  # one file per split; the task shuffles examples
         split_files[split]()  # raises now, naming the missing file, rather than mid-read
-        return _dataset_from(split_files[split], _QA_SIGNATURE)
+        evaluated = tf.constant(split != TRAIN_SPLIT)
+        return _dataset_from(with_defaults(split_files[split]), _QA_SIGNATURE).map(
+            lambda ex: {**ex, "evaluation_split": evaluated})
 
     return seqio.FunctionDataSource(dataset_fn, splits=tuple(split_files))
 
@@ -302,7 +355,10 @@ def linearize_question_and_table(dataset: tf.data.Dataset, sequence_length: Mapp
                                  output_features: Mapping[str, seqio.Feature], *,
                                  config: Optional[lin.LinearizeConfig] = None):
     """{"question", "table", "targets" text} → "inputs" = ids of `question ; table` within the input
-    length (EOS included), "targets" = ids; the texts stay as *_pretokenized."""
+    length (EOS included), "targets" = ids; the texts stay as *_pretokenized. A question whose
+    question and header alone exceed the length ("fits" false) is dropped, except in evaluation
+    splits ("evaluation_split" true), where it stays, cut to the length, so its metric counts it
+    as wrong rather than leaving it out of the denominator."""
     vocabulary = output_features["inputs"].vocabulary
     config = config or table_objectives.LinearizeConfig()
     budget = sequence_length["inputs"] - 1
@@ -313,9 +369,9 @@ def linearize_question_and_table(dataset: tf.data.Dataset, sequence_length: Mapp
                                config=config)
         if not result.fits:
             SKIPPED["question_and_header_over_budget"] += 1
-            logging.warning("Skipping a question on %s: question and header exceed %d tokens",
-                            table.source, budget)
-        return np.asarray(result.token_ids, np.int32), result.text.encode("utf-8"), result.fits
+            logging.warning("A question on %s does not fit: question and header exceed %d tokens "
+                            "(left out of training; counted wrong in evaluation)", table.source, budget)
+        return np.asarray(result.token_ids[:budget], np.int32), result.text.encode("utf-8"), result.fits
 
     def fn(ex):
         ids, text, fits = tf.numpy_function(py_linearize, [ex["question"], ex["table"]],
@@ -330,14 +386,25 @@ def linearize_question_and_table(dataset: tf.data.Dataset, sequence_length: Mapp
         return ex
 
     dataset = dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.filter(lambda ex: ex["fits"])
+    return dataset.filter(lambda ex: ex["fits"] | ex.get("evaluation_split", False))
+
+
+def _texts(values) -> tuple:
+    return tuple(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values)
+
+
+def gold_answers(example) -> metrics.GoldAnswers:
+    """The scoring target of a QA example: its answers (exact, even when one contains the ", "
+    separator), their tagged canon when the task found the tagged gold, and whether it fitted."""
+    canon = _texts(example.get("answers_canon", ()))
+    return metrics.GoldAnswers(_texts(example["answers"]), canon or None,
+                               bool(example.get("fits", True)))
 
 
 def answers_postprocessor(output, example=None, is_target=False):
-    """Targets → the gold answer list kept in the example (exact, even when an answer contains the
-    ", " separator); predictions → the decoded string."""
+    """Targets → GoldAnswers of the example; predictions → the decoded string."""
     if is_target and example is not None and "answers" in example:
-        return [a.decode("utf-8") if isinstance(a, bytes) else str(a) for a in example["answers"]]
+        return gold_answers(example)
     return output
 
 
@@ -351,15 +418,15 @@ def _qa_task(name: str, source, vocabulary, metric_fns, postprocess_fn=answers_p
 
 def _first_answer_postprocessor(output, example=None, is_target=False):
     if is_target and example is not None and "answers" in example:
-        a = example["answers"][0]
-        return a.decode("utf-8") if isinstance(a, bytes) else str(a)
+        return gold_answers(example)  # metrics.accuracy compares its first answer
     return output
 
 
 def register_wikitq_task(name: str = "wikitq", data_dir: Optional[str] = None,
                          vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.Task:
-    """WikiTQ random-split-1: train / validation (dev); `test` when pristine-unseen-tables.tsv exists
-    at dataset time. `data_dir` defaults to the table data directory at dataset time."""
+    """WikiTQ random-split-1: train / validation (dev); `test` (pristine-unseen-tables.tsv) and
+    `pristine_seen_tables` (pristine-seen-tables.tsv) when they exist at dataset time. `data_dir`
+    defaults to the table data directory at dataset time."""
     def root():
         return _require(os.path.join(data_dir or table_data_dir(), "wikitq"), "WikiTableQuestions")
 
@@ -368,7 +435,8 @@ def register_wikitq_task(name: str = "wikitq", data_dir: Optional[str] = None,
 
     source = qa_source({"train": split("random-split-1-train.tsv"),
                         "validation": split("random-split-1-dev.tsv"),
-                        "test": split("pristine-unseen-tables.tsv")})
+                        "test": split("pristine-unseen-tables.tsv"),
+                        "pristine_seen_tables": split("pristine-seen-tables.tsv")})
     return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
                     [metrics.wikitq_denotation_accuracy])
 

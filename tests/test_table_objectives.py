@@ -36,12 +36,13 @@ def random_tables(n, seed=0):
     return out
 
 
-def denoise(vocabulary, table_list, rates=None, lengths=LENGTHS, seed=7):
+def denoise(vocabulary, table_list, rates=None, lengths=LENGTHS, seed=7, mask_fractions=None):
     features = {k: seqio.Feature(vocabulary) for k in ("inputs", "targets")}
     ds = tf.data.Dataset.from_tensor_slices({"table": [t.to_json() for t in table_list]})
     ds = table_objectives.linearize_tables(ds, lengths, features)
     with seqio.utils.map_seed_manager(seed):
-        ds = table_objectives.table_denoise(ds, lengths, features, denoiser_rates=rates)
+        ds = table_objectives.table_denoise(ds, lengths, features, denoiser_rates=rates,
+                                            mask_fractions=mask_fractions)
     return list(ds.as_numpy_iterator())
 
 
@@ -136,11 +137,70 @@ def test_tables_over_budget_or_without_rows_are_skipped(vocabulary):
     assert table_objectives.SKIPPED["header_over_budget"] == before + 1
 
 
-def test_never_more_spans_than_sentinels(vocabulary):
+def test_never_more_spans_than_sentinels_a_shorter_table_instead(vocabulary):
+    # the same rule as the text mixture's plan: fewer rows, never an ordinary id as a sentinel
     few = seqio.SentencePieceVocabulary(vocabulary.sentencepiece_model_file, extra_ids=4)
     tall = [tables.make_table(["a", "b"], [[str(i), str(i)] for i in range(n)]) for n in (2, 30)]
-    examples = denoise(few, tall, rates={"column": 1.0}, lengths={"inputs": 400, "targets": 200})
-    assert len(examples) == 1  # the 30-row column needs 32 sentinels, the 2-row one 4
-    lowest = few.vocab_size - 4
-    targets = examples[0]["targets"]
-    assert sum(t >= lowest for t in targets) <= 4
+    lengths = {"inputs": 400, "targets": 200}
+    examples = denoise(few, tall, rates={"column": 1.0}, lengths=lengths)
+    # a masked column of 2 rows needs its header, 2 cells and the closing text: 4 sentinels
+    assert [int(ex["rows_cut_for_sentinels"]) for ex in examples] == [0, 28]
+    mode = len(few.encode(objectives.MODE_TOKENS["X"]))
+    first, lowest = few.vocab_size - 1, few.vocab_size - 4
+    for ex, table in zip(examples, tall):
+        inputs, targets = ex["inputs"][mode:], ex["targets"]
+        assert sum(t >= lowest for t in targets) <= 4 and sum(t >= lowest for t in inputs) <= 4
+        rebuilt = objectives.reconstruct_from_spans(inputs, targets, first, 4)
+        kept = tables.make_table(table.header, table.rows[:2], source=table.source)
+        assert rebuilt.tolist() == lin.linearize(kept, few, lengths["inputs"] - 8).token_ids
+
+
+@pytest.mark.parametrize("denoiser", table_objectives.DENOISERS)
+def test_tall_tables_with_100_sentinels_keep_every_sentinel_real(vocabulary, denoiser):
+    rng = random.Random(1)
+    tall = [tables.make_table([f"h{j}" for j in range(width)],
+                              [[str(rng.randint(0, 99)) for _ in range(width)] for _ in range(rows)],
+                              source=f"tall{rows}x{width}")
+            for rows, width in ((150, 1), (300, 2), (40, 3), (500, 1))]
+    lengths = {"inputs": 2048, "targets": 1024}
+    examples = denoise(vocabulary, tall, rates={denoiser: 1.0}, lengths=lengths,
+                       mask_fractions={"cell": 0.5, "row": 0.5})
+    assert len(examples) == len(tall)  # none dropped
+    first, lowest = vocabulary.vocab_size - 1, vocabulary.vocab_size - 100
+    budget = lengths["inputs"] - 8
+    mode = len(vocabulary.encode(objectives.MODE_TOKENS["R" if denoiser == "cell" else "X"]))
+    for ex, table in zip(examples, tall):
+        linearized = lin.linearize(table, vocabulary, budget)
+        inputs, targets = ex["inputs"][mode:], ex["targets"]
+        marks = targets[targets >= lowest]
+        np.testing.assert_array_equal(marks, first - np.arange(len(marks)))  # in order, all real
+        rebuilt = objectives.reconstruct_from_spans(inputs, targets, first, 100)
+        kept_rows = linearized.rows_kept - int(ex["rows_cut_for_sentinels"])
+        kept = lin.linearize(tables.make_table(table.header, table.rows[:kept_rows]), vocabulary, budget)
+        assert rebuilt.tolist() == kept.token_ids
+    cut = [int(ex["rows_cut_for_sentinels"]) for ex in examples]
+    assert any(cut) and cut[2] == 0  # the 40-row table fits whole, the long ones are cut
+
+
+def test_table_mod_plans_like_the_text_mixture(vocabulary):
+    """The table MoD (UL2's mixture over linearized tables, as tasks/tables.py builds it) plans with
+    the same rule as text: with 20 sentinels X(3, .5) takes a shorter segment, every mark is real."""
+    few = seqio.SentencePieceVocabulary(vocabulary.sentencepiece_model_file, extra_ids=20)
+    lengths = {"inputs": 512, "targets": 512}
+    features = {k: seqio.Feature(few, add_eos=True) for k in ("inputs", "targets")}
+    ds = tf.data.Dataset.from_tensor_slices({"table": [t.to_json() for t in random_tables(200, seed=4)]})
+    ds = table_objectives.linearize_tables(ds, lengths, features, output_key="targets", reserved_tokens=0)
+    ds = ds.map(lambda ex: {"targets": ex["targets"]})
+    with seqio.utils.map_seed_manager(3):
+        ds = objectives.mixture_of_denoisers(ds, lengths, features, "UL2", denoiser_feature_key="d")
+    plans = objectives.plan_denoisers("UL2", lengths, few)
+    assert {str(p.denoiser): p.noise_spans for p in plans}["X(3, 0.5)"] == 20
+    first, lowest = few.vocab_size - 1, few.vocab_size - 20
+    examples = list(ds.as_numpy_iterator())
+    assert {int(ex["d"]) for ex in examples} == set(range(7))
+    for ex in examples:
+        plan = plans[ex["d"]]
+        marks = ex["targets"][ex["targets"] >= lowest]
+        assert len(marks) == plan.max_sentinels <= 20
+        np.testing.assert_array_equal(marks, first - np.arange(len(marks)))
+        np.testing.assert_array_equal(ex["inputs"][ex["inputs"] >= lowest], marks)

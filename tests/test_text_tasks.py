@@ -75,8 +75,8 @@ def test_c4_ul2_is_registered_for_real_scale():
     task = seqio.get_mixture_or_task("c4_ul2")
     assert task.source.tfds_dataset.name == "c4/en:3.1.0"
     vocabulary = task.output_features["targets"].vocabulary
-    assert vocabulary.sentencepiece_model_file == \
-        "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
+    # T5's vocabulary as T5 and t5x pair it: cc_all.32000 + 100 extra ids = 32,100 ids
+    assert vocabulary.sentencepiece_model_file == "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
     assert vocabulary.extra_ids == 100
 
 

@@ -111,6 +111,36 @@ def test_anneal_branches_into_a_new_directory_and_leaves_the_main_run_alone(stra
     assert (sorted(os.listdir(straight_run)), open(os.path.join(straight_run, "metrics.jsonl")).read()) == before
 
 
+def test_continual_run_continues_an_infinite_schedule_and_re_warms_after_another(straight_run, tmp_path,
+                                                                                 capsys):
+    import dataclasses
+
+    from ul2lab.runs import train as train_run
+    # the straight run chose (and recorded) its start when it began: from step 0
+    with open(os.path.join(straight_run, "config.gin")) as f:
+        assert "\ninfinite_schedule.start_step = 0\n" in f.read()
+    config = train_run.load_train_config(
+        ["models/t5_1_1_tiny.gin", "runs/continual_tables.gin"],
+        [f"MODEL_DIR = '{tmp_path / 'new'}'", "TRAIN_STEPS = 10", f"INITIAL_CHECKPOINT_PATH = '{straight_run}'"])
+    assert config.learning_rate.start_step is None
+    # from a run trained with the infinite schedule: carry on at its step (8), no re-warm
+    resolved, note = train_run.resolve_schedule(config)
+    assert resolved.learning_rate.start_step == 8 and "infinite_schedule.start_step = 8" in note
+    assert "no re-warm" in capsys.readouterr().out
+    # from a checkpoint trained with another schedule (an import-hf output has no config.gin): re-warm
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    resolved, note = train_run.resolve_schedule(dataclasses.replace(config, initial_checkpoint_path=str(imported)))
+    assert resolved.learning_rate.start_step == 0 and float(resolved.learning_rate(0)) == 0.0
+    assert "re-warming" in capsys.readouterr().out
+    # a start_step set in gin is the user's choice; a resumed run keeps what it recorded
+    chosen = dataclasses.replace(config, learning_rate=dataclasses.replace(config.learning_rate, start_step=3))
+    assert train_run.resolve_schedule(chosen) == (chosen, "")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.gin").write_text("infinite_schedule.start_step = 5\n")
+    assert train_run.resolve_schedule(config)[0].learning_rate.start_step == 5
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--gin.TrainConfig.train_step=5"], "TrainConfig has no parameter 'train_step'; did you mean train_steps?"),
     (["--gin.TrainConfg.batch_size=8"], "unknown name 'TrainConfg'; did you mean TrainConfig"),
@@ -165,9 +195,12 @@ def test_every_run_file_builds_a_config_with_every_model(run_file, model_file):
     name = model_file.split("/")[-1][:-4] if "demo" not in run_file else "tiny"  # the demo includes its model
     assert config.model.emb_dim == PRESETS[name].emb_dim and config.model.num_heads == PRESETS[name].num_heads
     assert config.mesh_shape == {"data": 1, "fsdp": -1, "model": 1} and config.logical_axis_rules == "fsdp"
-    if run_file == "runs/continual_tables.gin":  # continual: constant from the first step, no re-warming
-        assert isinstance(config.learning_rate, schedules.InfiniteSchedule)
-        assert float(config.learning_rate(0)) == pytest.approx(config.learning_rate.constant_value)
+    if run_file == "runs/continual_tables.gin":  # continual: re-warms unless resolve_schedule continues
+        schedule = config.learning_rate
+        assert isinstance(schedule, schedules.InfiniteSchedule) and schedule.start_step is None
+        assert float(schedule(0)) == 0.0 and float(schedule(schedule.warmup_steps)) == pytest.approx(
+            schedule.peak_value)
+        assert float(schedule(schedule.constant_start)) == pytest.approx(schedule.constant_value)
         assert config.initial_checkpoint_path == "/ckpt"
     if run_file == "runs/finetune.gin":
         assert config.model.dropout_rate == 0.1 and config.task_feature_lengths["targets"] == 114

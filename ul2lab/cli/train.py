@@ -25,6 +25,9 @@ def add_parser(subparsers):
         p.set_defaults(func=func)
         if name in ("train", "anneal"):
             add_host_arguments(p)
+            p.add_argument("--tfds_data_dir", default=None,
+                           help="where TFDS datasets (e.g. c4/en:3.1.0 of the c4_ul2 task) are prepared; "
+                                "overrides TFDS_DATA_DIR, as t5x's --tfds_data_dir")
         if name == "anneal":
             p.add_argument("--checkpoint_dir", required=True, help="MODEL_DIR of the main (constant-phase) run")
             p.add_argument("--output_dir", required=True, help="new directory for the annealed branch")
@@ -60,13 +63,15 @@ def hosts_from_args(args) -> dict:
 
 def run_train(args) -> int:
     from ul2lab.runs import train
-    return train.train_from_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, hosts=hosts_from_args(args))
+    return train.train_from_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, hosts=hosts_from_args(args),
+                                tfds_data_dir=args.tfds_data_dir)
 
 
 def run_anneal(args) -> int:
     from ul2lab.runs import train
     return train.anneal(args.checkpoint_dir, args.output_dir, args.step, args.anneal_steps, args.end_value,
-                        args.gin_file, args.gin_bindings, args.gin_search_paths, hosts=hosts_from_args(args))
+                        args.gin_file, args.gin_bindings, args.gin_search_paths, hosts=hosts_from_args(args),
+                        tfds_data_dir=args.tfds_data_dir)
 
 
 def run_demo(args) -> int:

@@ -3,26 +3,31 @@
 Scores follow T5's convention: percentages, 100.0 = every example right.
 
 `wikitq_denotation_accuracy` implements the definition of WikiTableQuestions' official evaluator
-(version 1.0.2), written here from its documented rules:
+(`evaluator.py` of release 1.0.2), written here from its documented rules:
   * an answer is a list of values, compared as sets: sizes must be equal and every gold value must
     match some predicted value;
-  * a string becomes a number if Python's int()/float() reads it (not NaN/inf), else a date if it
-    is `yyyy-mm-dd` with `xx` for unknown fields (a year alone becomes a number), else a string;
+  * a string becomes a number if Python's int()/float() reads it (not NaN/inf; the evaluator is
+    Python 2, so "1_000" is not a number), else a date if it is `yyyy-mm-dd` with `xx` for
+    unknown fields (a year alone becomes a number), else a string;
   * gold value T matches predicted value P when their normalized strings are equal, or both are
     numbers within 1e-6, or both are dates with equal (year, month, day);
   * normalization: diacritics removed, smart quotes and dashes made ASCII, trailing citation marks
     ([..], •♦†‡*#+) and trailing parentheticals removed, outer quotes removed (repeated until
     stable), final period removed, whitespace collapsed, lower-cased.
-The official script reads gold numbers and dates from the dataset's CoreNLP-tagged files
-(`targetCanon`), which are not shipped with the CSV release; `canonical_gold_value` stands in for
-that tagging on the gold side only (thousands separators, ordinals, small number words, dates
-with month names), as the official script never canonicalizes predictions.
+Gold numbers and dates: the official script reads them from the dataset's CoreNLP-tagged files
+(`tagged/data/*.tagged`, column `targetCanon`, one value per answer); predictions are never
+canonicalized. When the task finds those files the gold is exactly that (GoldAnswers.canon) and
+the score is the official one. Without them `canonical_gold_value` guesses the tagging on the
+gold side (thousands separators, ordinals, small number words, dates with month names) — a
+fallback: it disagrees with the tagged gold on ~2.6% of questions (units such as "17 years" or
+"48.4%" are numbers in the tagged gold), and the metric reports how many questions used it.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 # ------------------------------------------------------------------------- WikiTQ values
 
@@ -50,6 +55,8 @@ def normalize_answer(text: str) -> str:
 
 
 def _as_number(text: str):
+    if "_" in text:  # Python 3 reads "1_000" as 1000; the official (Python 2) evaluator does not
+        return None
     try:
         return int(text)
     except (ValueError, TypeError):
@@ -157,7 +164,28 @@ def canonical_gold_value(text: str) -> str | None:
     return None
 
 
-def gold_values(answers: Sequence[str]) -> set[AnswerValue]:
+@dataclasses.dataclass(frozen=True)
+class GoldAnswers:
+    """One question's gold as a task keeps it for scoring (its postprocessor's target).
+
+    canon: the tagged `targetCanon` values, one per answer (the official gold); None when the
+      tagged files are absent (canonical_gold_value then guesses them: the heuristic fallback).
+    scorable: False for a question the task could not put in its inputs (question and header over
+      the inputs length); it counts as wrong, as a question without an answer does officially.
+    """
+    answers: tuple
+    canon: Optional[tuple] = None
+    scorable: bool = True
+
+
+def gold_values(answers: Sequence[str], canon: Optional[Sequence[str]] = None) -> set[AnswerValue]:
+    """The gold set: with `canon` exactly the official evaluator's (its to_value(original, canon)),
+    else the heuristic canonical_gold_value."""
+    if canon is not None:
+        if len(canon) != len(answers):
+            raise ValueError(f"{len(answers)} gold answers but {len(canon)} tagged targetCanon values: "
+                             f"{list(answers)} / {list(canon)}")
+        return {AnswerValue(a, c) for a, c in zip(answers, canon)}
     return {AnswerValue(a, canonical_gold_value(a)) for a in answers}
 
 
@@ -165,9 +193,10 @@ def predicted_values(answers: Sequence[str]) -> set[AnswerValue]:
     return {AnswerValue(a) for a in answers}
 
 
-def denotation_correct(gold: Sequence[str], predicted: Sequence[str]) -> bool:
+def denotation_correct(gold: Sequence[str], predicted: Sequence[str],
+                       canon: Optional[Sequence[str]] = None) -> bool:
     """The official check: equal set sizes and every gold value matches a predicted value."""
-    gold_set, predicted_set = gold_values(gold), predicted_values(predicted)
+    gold_set, predicted_set = gold_values(gold, canon), predicted_values(predicted)
     return len(gold_set) == len(predicted_set) and all(
         any(g.matches(p) for p in predicted_set) for g in gold_set)
 
@@ -197,7 +226,8 @@ def _readings(parts: list[str], gold: set, separator: str, limit: int = 10_000):
     yield from from_(0)
 
 
-def prediction_correct(gold: Sequence[str], predicted: str, separator: str = ", ") -> bool:
+def prediction_correct(gold: Sequence[str], predicted: str, separator: str = ", ",
+                       canon: Optional[Sequence[str]] = None) -> bool:
     """A joined prediction is right when some reading of it as a list denotes the gold set.
 
     The task joins answers with `separator`, and answers may contain it ("Bangkok, Thailand"), so
@@ -205,39 +235,62 @@ def prediction_correct(gold: Sequence[str], predicted: str, separator: str = ", 
     value, and the resulting list must pass the official check. A prediction that is not the gold
     list (in any order, modulo normalization) has no such reading.
     """
-    gold_set = gold_values(gold)
+    gold_set = gold_values(gold, canon)
     parts = split_answers(predicted, separator)
-    if denotation_correct(gold, parts):
+    if denotation_correct(gold, parts, canon):
         return True
-    return any(denotation_correct(gold, reading) for reading in _readings(parts, gold_set, separator))
+    return any(denotation_correct(gold, reading, canon)
+               for reading in _readings(parts, gold_set, separator))
 
 
-def wikitq_denotation_accuracy(targets: Sequence[Union[str, Sequence[str]]],
+def wikitq_denotation_accuracy(targets: Sequence[Union[str, Sequence[str], GoldAnswers]],
                                predictions: Sequence[Union[str, Sequence[str]]],
                                separator: str = ", ") -> dict:
-    """Denotation accuracy (percent). Targets are gold answer lists (a string is split on
-    `separator`); predictions are lists, or strings read back as in `prediction_correct`."""
+    """Denotation accuracy (percent) over every question, unscorable ones counted wrong.
+
+    Targets are GoldAnswers (the tasks' form), gold answer lists, or strings split on `separator`;
+    predictions are lists, or strings read back as in `prediction_correct`. Also reports how many
+    questions were scored against the tagged (official) gold and how many against the heuristic
+    fallback, and how many were dropped for length and counted wrong.
+    """
     if len(targets) != len(predictions):
         raise ValueError(f"wikitq_denotation_accuracy got {len(targets)} targets but "
                          f"{len(predictions)} predictions; they must pair up one to one")
-    correct = 0
+    correct = tagged = dropped = 0
     for gold, predicted in zip(targets, predictions):
-        gold = split_answers(gold, separator) if isinstance(gold, str) else list(gold)
+        if not isinstance(gold, GoldAnswers):
+            gold = GoldAnswers(tuple(split_answers(gold, separator) if isinstance(gold, str) else gold))
+        tagged += gold.canon is not None
+        if not gold.scorable:
+            dropped += 1
+            continue
         if isinstance(predicted, str):
-            correct += prediction_correct(gold, predicted, separator)
+            correct += prediction_correct(gold.answers, predicted, separator, gold.canon)
         else:
-            correct += denotation_correct(gold, list(predicted))
-    return {"denotation_accuracy": 100.0 * correct / max(len(targets), 1)}
+            correct += denotation_correct(gold.answers, list(predicted), gold.canon)
+    return {"denotation_accuracy": 100.0 * correct / max(len(targets), 1),
+            "gold_official_tagged": tagged, "gold_heuristic_fallback": len(targets) - tagged,
+            "dropped_for_length_counted_wrong": dropped}
 
 
 # ------------------------------------------------------------------------- generic
 
 def accuracy(targets: Sequence, predictions: Sequence) -> dict:
-    """Exact-match accuracy (percent), e.g. TabFact's `entailed`/`refuted`."""
+    """Exact-match accuracy (percent), e.g. TabFact's `entailed`/`refuted`. A GoldAnswers target
+    is its first answer, and counts as wrong when it is not scorable (dropped for length; reported)."""
     if len(targets) != len(predictions):
         raise ValueError(f"accuracy got {len(targets)} targets but {len(predictions)} predictions")
-    hits = sum(t == p for t, p in zip(targets, predictions))
-    return {"accuracy": 100.0 * hits / max(len(targets), 1)}
+    hits = dropped = 0
+    for target, predicted in zip(targets, predictions):
+        if isinstance(target, GoldAnswers):
+            dropped += not target.scorable
+            hits += target.scorable and target.answers[0] == predicted
+        else:
+            hits += target == predicted
+    scores = {"accuracy": 100.0 * hits / max(len(targets), 1)}
+    if any(isinstance(t, GoldAnswers) for t in targets):
+        scores["dropped_for_length_counted_wrong"] = dropped
+    return scores
 
 
 def sacrebleu(targets: Sequence[str], predictions: Sequence[str]) -> dict:

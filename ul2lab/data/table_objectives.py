@@ -46,6 +46,13 @@ LinearizeConfig = gin.external_configurable(lin.LinearizeConfig, module="ul2lab"
 SKIPPED = collections.Counter()
 
 
+def body_rows(linearized: lin.Linearized) -> np.ndarray:
+    """Per token, the body row it belongs to (0, 1, ... in order; its label and separators too),
+    or -1 for what comes before the body (prefix, title, header)."""
+    return np.asarray([max(piece.row, -1) for piece, ids in zip(linearized.pieces, linearized.piece_ids)
+                       for _ in ids], np.int32)
+
+
 def unit_ids(linearized: lin.Linearized) -> dict[str, np.ndarray]:
     """Per token, the index of its cell / row / column unit, or -1 where that denoiser keeps it."""
     cells, rows, columns = [], [], []
@@ -70,7 +77,8 @@ def linearize_tables(dataset: tf.data.Dataset, sequence_length: Mapping[str, int
                      config: Optional[lin.LinearizeConfig] = None,
                      reserved_tokens: int = 8, length_key: str = "inputs",
                      output_key: str = "tokens") -> tf.data.Dataset:
-    """{"table": JSON} → {output_key: ids, "cell_unit"/"row_unit"/"column_unit", "table_text", ...}.
+    """{"table": JSON} → {output_key: ids, "cell_unit"/"row_unit"/"column_unit", "body_row",
+    "table_text", ...}.
 
     The budget is `sequence_length[length_key] - reserved_tokens` (room for a mode token and EOS).
     Tables whose header alone exceeds it, or whose JSON is unreadable, are dropped, counted in
@@ -97,23 +105,23 @@ def linearize_tables(dataset: tf.data.Dataset, sequence_length: Mapping[str, int
                               SKIPPED, "header_over_budget")
         if table is None or not result.fits:
             empty = np.zeros([0], np.int32)
-            return empty, empty, empty, empty, b"", False, False
+            return empty, empty, empty, empty, empty, b"", False, False
         units = unit_ids(result)
         return (np.asarray(result.token_ids, np.int32), units["cell"], units["row"], units["column"],
-                result.text.encode("utf-8"), True, result.truncated)
+                body_rows(result), result.text.encode("utf-8"), True, result.truncated)
 
     def fn(ex):
         outs = tf.numpy_function(py_linearize, [ex["table"]],
-                                 [tf.int32, tf.int32, tf.int32, tf.int32, tf.string, tf.bool, tf.bool],
-                                 stateful=False)
-        tokens, cell, row, column, text, fits, truncated = outs
-        for t in (tokens, cell, row, column):
+                                 [tf.int32] * 5 + [tf.string, tf.bool, tf.bool], stateful=False)
+        tokens, cell, row, column, body_row, text, fits, truncated = outs
+        for t in (tokens, cell, row, column, body_row):
             t.set_shape([None])
         for t in (text, fits, truncated):
             t.set_shape([])
         ex = dict(ex)
         ex.update({output_key: tokens, "cell_unit": cell, "row_unit": row, "column_unit": column,
-                   "table_text": text, "fits": fits, "table_truncated": truncated})
+                   "body_row": body_row, "table_text": text, "fits": fits,
+                   "table_truncated": truncated})
         return ex
 
     dataset = dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
@@ -152,6 +160,11 @@ def table_denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
     _check_rates(mask_fractions, "table mask_fractions")
     vocabulary = output_features["targets"].vocabulary
     first_sentinel = objectives.sentinel_id(vocabulary)
+    sentinels = objectives.sentinel_count(vocabulary)
+    if sentinels < 2:  # one masked unit and the text around it need two
+        raise ValueError(f"the table denoisers mark masked units with sentinel ids but the vocabulary "
+                         f"{vocabulary} has {sentinels}; give it extra ids: `ul2lab vocab --extra_ids "
+                         "100`, or seqio.SentencePieceVocabulary(path, extra_ids=100)")
     # Targets hold, per masked unit, its tokens and a sentinel, plus a closing sentinel and EOS.
     targets_budget = sequence_length["targets"] - 2
     if targets_budget < 2:
@@ -162,17 +175,41 @@ def table_denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
     modes = tf.ragged.constant([[int(i) for i in vocabulary.encode(mode_tokens[d])]
                                 if mode_tokens[d] else [] for d in DENOISERS], dtype=tf.int32)
 
+    def units_to_mask(fraction, num_units):
+        return tf.maximum(1, tf.cast(tf.round(fraction * tf.cast(num_units, tf.float32)), tf.int32))
+
+    def rows_that_fit(unit, body_row, fraction):
+        """How many body rows to keep so that masking `fraction` of the kept units, whichever are
+        drawn, needs no more sentinels than the vocabulary has (the same rule as the text
+        mixture's plan: a shorter table rather than an ordinary id as a sentinel)."""
+        num_rows = tf.reduce_max(tf.concat([body_row, [-1]], 0)) + 1
+        width = tf.maximum(tf.reduce_max(tf.concat([unit, [-1]], 0)) + 1, 1)  # units (at least 1)
+        # a run (one sentinel) starts where a unit starts; bucket 0: before the body, r + 1: row r
+        starts = (unit >= 0) & (unit != tf.pad(unit[:-1], [[1, 0]], constant_values=-1))
+        run_unit = tf.boolean_mask(unit, starts)
+        run_bucket = tf.boolean_mask(body_row, starts) + 1
+        runs = tf.math.unsorted_segment_sum(tf.ones_like(run_unit), run_bucket * width + run_unit,
+                                            (num_rows + 1) * width)
+        runs = tf.cumsum(tf.reshape(runs, [num_rows + 1, width]), axis=0)  # [rows kept, unit]
+        count = units_to_mask(fraction, tf.reduce_sum(tf.cast(runs > 0, tf.int32), axis=1))
+        # the most runs `count` units can have; +1: the text after the last masked unit
+        most = tf.cumsum(tf.sort(runs, axis=1, direction="DESCENDING"), axis=1)
+        needed = tf.gather(most, tf.minimum(count, width) - 1, batch_dims=1) + 1
+        return tf.reduce_sum(tf.cast(needed <= sentinels, tf.int32)) - 1, num_rows
+
     @seqio.map_over_dataset(num_seeds=2)
     def mask(ex, seeds):
         choice = tf.random.stateless_categorical(logits[None], 1, seeds[0], dtype=tf.int32)[0, 0]
         unit = tf.gather(tf.stack([ex["cell_unit"], ex["row_unit"], ex["column_unit"]]), choice)
+        tokens, body_row = ex["tokens"], ex["body_row"]
+        kept_rows, num_rows = rows_that_fit(unit, body_row, fractions[choice])
+        keep = body_row < kept_rows  # a prefix: the body rows come in order after everything else
+        tokens, unit = tf.boolean_mask(tokens, keep), tf.boolean_mask(unit, keep)
         num_units = tf.reduce_max(tf.concat([unit, [-1]], 0)) + 1
         sizes = tf.math.unsorted_segment_sum(tf.ones_like(unit), tf.where(unit >= 0, unit, num_units),
                                              num_units + 1)[:num_units]
         non_empty = sizes > 0
-        count = tf.maximum(1, tf.cast(tf.round(
-            fractions[choice] * tf.cast(tf.reduce_sum(tf.cast(non_empty, tf.int32)), tf.float32)),
-            tf.int32))
+        count = units_to_mask(fractions[choice], tf.reduce_sum(tf.cast(non_empty, tf.int32)))
         scores = tf.random.stateless_uniform([num_units], seeds[1])
         order = tf.argsort(tf.where(non_empty, scores, 2.0))  # empty units last: nothing to predict
         cost = tf.gather(sizes, order) + 1
@@ -180,20 +217,18 @@ def table_denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
                 & tf.gather(non_empty, order))
         selected = tf.concat([tf.scatter_nd(order[:, None], take, [num_units]), [False]], 0)
         noise_mask = tf.gather(selected, tf.where(unit >= 0, unit, num_units))  # -1: never noise
-        tokens = ex["tokens"]
         inputs = objectives.noise_span_to_unique_sentinel(tokens, noise_mask, first_sentinel)
         targets = objectives.nonnoise_span_to_unique_sentinel(tokens, noise_mask, first_sentinel)
         nonnoise_starts = ~noise_mask & tf.pad(noise_mask[:-1], [[1, 0]], constant_values=True)
         return {"inputs": tf.concat([modes[choice], inputs], 0), "targets": targets,
                 "denoiser": choice, "num_masked": tf.reduce_sum(tf.cast(take, tf.int32)),
                 "num_sentinels": tf.reduce_sum(tf.cast(nonnoise_starts, tf.int32)),  # in targets
+                "rows_cut_for_sentinels": num_rows - tf.maximum(kept_rows, 0),
                 "table_text": ex["table_text"]}
 
     dataset = mask(dataset)
     # A table with no maskable unit (no body rows) teaches nothing here; the MoD side still sees it.
-    # Mode tokens longer than linearize_tables' reserve would be trimmed with the EOS, and more
-    # spans than extra ids would reuse ordinary ids as sentinels (many masked columns of a long
-    # table): drop such examples rather than corrupt them.
+    # Mode tokens longer than linearize_tables' reserve would be trimmed with the EOS: drop such
+    # examples rather than cut them. (rows_that_fit keeps every example within the sentinels.)
     return dataset.filter(lambda ex: (ex["num_masked"] > 0)
-                          & (tf.size(ex["inputs"]) < sequence_length["inputs"])
-                          & (ex["num_sentinels"] <= vocabulary.extra_ids))
+                          & (tf.size(ex["inputs"]) < sequence_length["inputs"]))

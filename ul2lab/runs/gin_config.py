@@ -17,7 +17,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 import gin
 
 from ul2lab.errors import UserError
-from ul2lab.runs import settings
+from ul2lab.runs import settings, task_modules
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "gin")
 
@@ -71,6 +71,9 @@ def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], se
     """
     import gin
     registered = register()
+    # the data side's configurables (ul2lab.mixture_of_denoisers.rates, ul2lab.table_data_dir.path,
+    # ...) exist for gin only once the modules that define them are imported
+    task_modules.import_task_modules()
     gin.clear_config()
     paths = [os.getcwd(), GIN_DIR] + [p for p in search_paths.split(",") if p]
     for path in paths:

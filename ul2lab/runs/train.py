@@ -6,6 +6,7 @@ Composes the data floor (the seqio task's batches, ul2lab.data.pipeline) with th
 """
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import Mapping, Optional, Sequence
@@ -54,10 +55,17 @@ def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_
     return config
 
 
+def set_tfds_data_dir(tfds_data_dir: Optional[str]):
+    """Where seqio's TFDS sources read prepared datasets (t5x's --tfds_data_dir); None: TFDS_DATA_DIR."""
+    if tfds_data_dir:
+        seqio.set_tfds_data_dir_override(tfds_data_dir)
+
+
 def train_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: str = "",
-                   hosts: Optional[Mapping] = None) -> int:
+                   hosts: Optional[Mapping] = None, tfds_data_dir: Optional[str] = None) -> int:
     """`ul2lab train`: join the other hosts, parse the gin files, train or resume. Returns the exit code."""
     start_hosts(**(hosts or {}))
+    set_tfds_data_dir(tfds_data_dir)
     return exit_code(train_task(load_train_config(gin_files, bindings, search_paths)))
 
 
@@ -72,9 +80,55 @@ def check(config: TrainConfig) -> Optional[str]:
         raise ConfigError(str(e)) from None
 
 
+_INFINITE_SCHEDULE = re.compile(r"^TrainConfig\.learning_rate = @(?:[\w.]*\.)?infinite_schedule\(\)", re.M)
+_START_STEP = re.compile(r"^(?:[\w.]*\.)?infinite_schedule\.start_step = (\d+)\s*$", re.M)
+
+
+def _run_gin(directory: Optional[str]) -> str:
+    """The config.gin a `ul2lab train` run wrote into `directory` ("" when there is none)."""
+    path = os.path.join(directory, "config.gin") if directory else ""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def resolve_schedule(config: TrainConfig):
+    """(config, note): an infinite schedule whose start_step is unset gets one, and the note (gin
+    lines for MODEL_DIR/config.gin) records it, so a resume or an anneal branch sees the same
+    schedule. The choice: what this run recorded before (a resume); else, from INITIAL_CHECKPOINT_PATH,
+    the step its schedule reached when that run was trained with the infinite schedule (continue,
+    no re-warm); else 0: re-warm (warmup to the peak, cooldown to the constant), as continual
+    pretraining from a checkpoint trained with another schedule (an imported T5/UL2/Flan model)
+    should."""
+    schedule = config.learning_rate
+    if not isinstance(schedule, schedules.InfiniteSchedule) or schedule.start_step is not None:
+        return config, ""
+    recorded = _START_STEP.search(_run_gin(config.model_dir))
+    initial = _run_gin(config.initial_checkpoint_path)
+    if recorded:
+        start, why = int(recorded.group(1)), "as recorded when this run started"
+    elif config.initial_checkpoint_path and _INFINITE_SCHEDULE.search(initial):
+        steps = checkpoints.all_steps(config.initial_checkpoint_path)
+        before = _START_STEP.search(initial)
+        start = (max(steps) if steps else 0) + (int(before.group(1)) if before else 0)
+        why = (f"continuing the infinite schedule of {config.initial_checkpoint_path} at its step {start}: "
+               "no re-warm")
+    else:
+        start = 0
+        phases = (f"{schedule.warmup_steps} warmup steps to {schedule.peak_value:g}, "
+                  f"{schedule.cooldown_steps} cooldown steps to {schedule.constant_value:g}")
+        why = (f"re-warming ({config.initial_checkpoint_path} was not trained with the infinite schedule): "
+               f"{phases}" if config.initial_checkpoint_path else f"from step 0: {phases}")
+    print(f"learning rate: infinite schedule, {why}", flush=True)
+    note = f"# infinite schedule start, chosen when the run started: {why}\ninfinite_schedule.start_step = {start}\n"
+    return dataclasses.replace(config, learning_rate=dataclasses.replace(schedule, start_step=start)), note
+
+
 def train_task(config: TrainConfig, note: str = "") -> dict:
     """Check everything, write MODEL_DIR/config.gin, train on the config's seqio task or mixture.
     Bad input never touches MODEL_DIR. Returns the trainer's result."""
+    config, schedule_note = resolve_schedule(config)
     vocab_path = check(config)
 
     def write_gin():
@@ -82,7 +136,7 @@ def train_task(config: TrainConfig, note: str = "") -> dict:
         if jax.process_index() != 0:
             return  # every host runs this; one writes config.gin and prints the start line
         with open(os.path.join(config.model_dir, "config.gin"), "w") as f:
-            f.write((note + "\n" if note else "") + gin.config_str())
+            f.write((note + "\n" if note else "") + gin.config_str() + ("\n" + schedule_note if schedule_note else ""))
         print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
               f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
 
@@ -99,10 +153,11 @@ def exit_code(result: dict) -> int:
 
 def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, anneal_steps: Optional[int] = None,
            end_value: Optional[float] = None, gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
-           search_paths: str = "", hosts: Optional[Mapping] = None) -> int:
+           search_paths: str = "", hosts: Optional[Mapping] = None, tfds_data_dir: Optional[str] = None) -> int:
     """`ul2lab anneal`: copy the main run's checkpoint at `step` (default: latest) into output_dir and
     train the infinite schedule's anneal there; the main run is untouched. Returns the exit code."""
     start_hosts(**(hosts or {}))
+    set_tfds_data_dir(tfds_data_dir)
     main, new = os.path.abspath(checkpoint_dir), os.path.abspath(output_dir)
     if not os.path.exists(os.path.join(main, "config.gin")):
         raise UserError(f"--checkpoint_dir {main} has no config.gin: give the MODEL_DIR of a `ul2lab train` run")
@@ -115,6 +170,7 @@ def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, ann
         raise UserError(f"{main} has no checkpoint at step {step}; it has steps {sorted(available)}")
     config = load_train_config([os.path.join(main, "config.gin")] + list(gin_files),
                                list(bindings) + [f"MODEL_DIR = {new!r}"], search_paths)
+    config, _ = resolve_schedule(dataclasses.replace(config, model_dir=main))  # the main run's choice
     if not isinstance(config.learning_rate, schedules.InfiniteSchedule):
         raise UserError("the main run's learning rate is not ul2lab.train.schedules.infinite_schedule; "
                         "only an infinite schedule's constant phase can be branched into an anneal")

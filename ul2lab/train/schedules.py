@@ -16,8 +16,12 @@ step counter starts:
   restores `step` with the optimizer state): the step is already past `warmup_steps +
   cooldown_steps`, so the learning rate is the constant with no re-warming. Nothing to do.
 * Starting a new run from params only (INITIAL_CHECKPOINT_PATH; the step counter restarts at 0):
-  pass `start_step=` the previous run's step (or any step in the constant phase). The schedule is
-  then evaluated at `step + start_step`, so step 0 of the new run is already in the constant phase.
+  `start_step=` the previous run's step (or any step in the constant phase) evaluates the schedule
+  at `step + start_step`, so step 0 of the new run is already in the constant phase; 0 re-warms
+  (warmup, cooldown to the constant). Left unset (None), `ul2lab train` decides when the run
+  starts (ul2lab.runs.train.resolve_schedule): the checkpoint's step when it was trained with the
+  infinite schedule, else 0 — a re-warm, as continual-pretraining work does after another
+  schedule — and records the choice in MODEL_DIR/config.gin.
 * `ul2lab anneal` from a constant-phase checkpoint at step s: check `schedule.in_constant_phase(s)`,
   then train the branch with `schedule.branch_anneal(s)` (the same schedule with anneal_start=s),
   so the branch decays from the constant starting at the checkpoint's own step.
@@ -129,14 +133,15 @@ class InfiniteSchedule:
     anneal_steps: Optional[int] = None
     end_value: Optional[float] = None
     cooldown: str = "cosine"
-    start_step: int = 0
+    start_step: Optional[int] = None  # None: not chosen yet (see the module docstring); acts as 0
 
     def __post_init__(self):
         _check_positive("peak_value", self.peak_value)
         _check_positive("constant_value", self.constant_value)
         _check_steps("warmup_steps", self.warmup_steps)
         _check_steps("cooldown_steps", self.cooldown_steps)
-        _check_steps("start_step", self.start_step)
+        if self.start_step is not None:
+            _check_steps("start_step", self.start_step)
         if self.cooldown not in COOLDOWNS:
             raise ValueError(f"infinite schedule: cooldown must be one of {COOLDOWNS}, got {self.cooldown!r}")
         if self.constant_value > self.peak_value:
@@ -158,12 +163,17 @@ class InfiniteSchedule:
                              f"({self.constant_value}); the anneal goes down to end_value")
 
     @property
+    def offset(self) -> int:
+        """Steps done before this run's step 0 (start_step; unset counts as 0)."""
+        return self.start_step or 0
+
+    @property
     def constant_start(self) -> int:
         return self.warmup_steps + self.cooldown_steps
 
     def phase(self, step: int) -> str:
         """'warmup', 'cooldown', 'constant', 'anneal' or 'end' for a (python int) step of this run."""
-        t = int(step) + self.start_step
+        t = int(step) + self.offset
         if t < self.warmup_steps:
             return "warmup"
         if t < self.constant_start:
@@ -181,12 +191,12 @@ class InfiniteSchedule:
         if not self.in_constant_phase(step):
             raise ValueError(f"cannot branch an anneal at step {step}: the schedule is in its "
                              f"{self.phase(step)!r} phase there; pick a checkpoint from the constant phase "
-                             f"(steps from {self.constant_start - self.start_step} on)")
+                             f"(steps from {self.constant_start - self.offset} on)")
         anneal_steps = anneal_steps if anneal_steps is not None else self.anneal_steps
         end_value = end_value if end_value is not None else self.end_value
         if anneal_steps is None or end_value is None:
             raise ValueError("branch_anneal needs anneal_steps and end_value (the schedule has none)")
-        return dataclasses.replace(self, anneal_start=int(step) + self.start_step,
+        return dataclasses.replace(self, anneal_start=int(step) + self.offset,
                                    anneal_steps=anneal_steps, end_value=end_value)
 
     def _cooldown_fn(self):
@@ -214,17 +224,19 @@ class InfiniteSchedule:
                 ratio, jnp.asarray(s, jnp.float32) / self.anneal_steps)))
             phases.append((self.anneal_start + self.anneal_steps, optax.constant_schedule(self.end_value)))
         schedule = optax.join_schedules([fn for _, fn in phases], [start for start, _ in phases[1:]])
-        return jnp.asarray(schedule(jnp.asarray(step) + self.start_step), jnp.float32)
+        return jnp.asarray(schedule(jnp.asarray(step) + self.offset), jnp.float32)
 
 
 def infinite_schedule(peak_value: float, warmup_steps: int, cooldown_steps: int, constant_value: float,
                       anneal_start: Optional[int] = None, anneal_steps: Optional[int] = None,
                       end_value: Optional[float] = None, cooldown: str = "cosine",
-                      start_step: int = 0) -> InfiniteSchedule:
+                      start_step: Optional[int] = None) -> InfiniteSchedule:
     """The infinite schedule (see `InfiniteSchedule` for its phases and the module docstring for
     continual pretraining). anneal_start=None keeps the constant forever (the main run); the
     anneal is then branched off a checkpoint with `.branch_anneal(step, anneal_steps, end_value)`.
-    start_step offsets the step counter (a params-only continuation whose step restarts at 0).
+    start_step offsets the step counter (a params-only continuation whose step restarts at 0);
+    None lets `ul2lab train` choose it from INITIAL_CHECKPOINT_PATH (re-warm unless that run used
+    this schedule).
     """
     return InfiniteSchedule(peak_value, warmup_steps, cooldown_steps, constant_value, anneal_start,
                             anneal_steps, end_value, cooldown, start_step)

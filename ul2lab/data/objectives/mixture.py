@@ -4,8 +4,10 @@ The path of a document, top to bottom (`mixture_of_denoisers`):
 
   tokens ──► blocks of `documents_per_block` documents, concatenated (empty ones counted)
          ──split──► segments; each segment's denoiser is drawn first (by rate), then the
-                    segment gets exactly the raw length that denoiser needs at the task's
-                    lengths (R/X: T5's random_spans_helper; S: inputs length)
+                    segment gets exactly the raw length that denoiser's plan gives at the
+                    task's lengths (plan_denoisers; R/X: T5's random_spans_helper, shorter
+                    where the vocabulary's sentinels or the denoiser's μ and r require; S:
+                    the inputs length)
          ──denoise──► {"inputs": mode tokens + corrupted segment, "targets": ...}
 
 so nothing is ever trimmed: every example fits its lengths once seqio appends EOS
@@ -70,32 +72,66 @@ def x_denoiser(mean_noise_span_length=32.0, noise_density=0.5, rate=1.0,
 
 
 @gin.configurable(module="ul2lab")
-def s_denoiser(rate=1.0, noise_density=0.5, mode_token=MODE_TOKENS["S"],
+def s_denoiser(rate=1.0, noise_density=0.25, mode_token=MODE_TOKENS["S"],
                add_sentinel=False) -> Denoiser:
+    """The S-denoiser (prefix LM): the suffix is uniform in [1, 2 * noise_density * (L - 1)]
+    tokens, so its mean share is noise_density. 0.25 is the UL2 paper's S (μ = L/4, r = 0.25);
+    0.5 (suffix uniform over the whole segment) is T5's prefix_lm, UL2's appendix code and U-PaLM's."""
     return Denoiser("S", noise_density, 0.0, rate, mode_token, add_sentinel)
 
 
+def _r(mu, r, rate=1.0, mode_token=MODE_TOKENS["R"]):
+    return Denoiser("R", r, mu, rate, mode_token)
+
+
+def _x(mu, r, rate=1.0):
+    return Denoiser("X", r, mu, rate, MODE_TOKENS["X"])
+
+
+def _s(r, rate=1.0):
+    return Denoiser("S", r, 0.0, rate, MODE_TOKENS["S"])
+
+
+_UL2_SPAN_DENOISERS = (_r(3, 0.15), _r(8, 0.15), _x(3, 0.5), _x(8, 0.5), _x(64, 0.15), _x(64, 0.5))
+
+# Sources, with the table in README.md ("Denoiser presets"). Mode tokens: UL2 §3.1.3.
 PRESETS = {
-    # the UL2 paper's seven denoisers, equally likely
-    "UL2": (r_denoiser(3, 0.15), r_denoiser(8, 0.15), x_denoiser(3, 0.5), x_denoiser(8, 0.5),
-            x_denoiser(64, 0.15), x_denoiser(64, 0.5), s_denoiser()),
-    # U-PaLM's UL2R continued-training mixture
-    "UL2R": (s_denoiser(rate=0.5), r_denoiser(3, 0.15, rate=0.25),
-             x_denoiser(32, 0.15, rate=0.25)),
-    # T5's span corruption: one R denoiser, no mode token
-    "T5": (r_denoiser(3, 0.15, mode_token=None),),
+    # UL2 paper (Tay et al., 2022), §3.1.2 and Table 1: R(3, .15), R(8, .15); X(3, .5), X(8, .5),
+    # X(64, .15), X(64, .5); S with μ = L/4, r = 0.25; "all tasks have an approximately equal
+    # participation in the mixture"
+    "UL2": _UL2_SPAN_DENOISERS + (_s(0.25),),
+    # the same seven as the paper's appendix code (`ul2_objective`) builds them: its S-denoiser is
+    # T5's prefix_lm with noise_density 0.5 (mean suffix L/2, twice the text's), rates uniform
+    "UL2_APPENDIX": _UL2_SPAN_DENOISERS + (_s(0.5),),
+    # U-PaLM (Tay et al., 2022b) §3.3, UL2R: 50% S (prefix LM, pivot anywhere), 25% R(3, .15),
+    # 25% X, whose spans have "a mean length of 32 or a corruption rate of up to 50%": both forms
+    "UL2R": (_s(0.5, 0.5), _r(3, 0.15, 0.25), _x(32, 0.15, 0.125), _x(3, 0.5, 0.125)),
+    # T5 (Raffel et al., 2020) §3.1.4 / t5.data.preprocessors.span_corruption: one R, no mode token
+    "T5": (_r(3, 0.15, mode_token=None),),
 }
 
 DenoisersArg = Union[str, Sequence[Denoiser]]
 
 
-def resolve_denoisers(denoisers: DenoisersArg) -> Tuple[Denoiser, ...]:
+def resolve_denoisers(denoisers: DenoisersArg,
+                      rates: Optional[Mapping[str, float]] = None) -> Tuple[Denoiser, ...]:
+    """The denoisers of a preset name or a sequence; `rates` ({str(denoiser): rate}, e.g.
+    {"S(0.25)": 0.5}) replaces the rates of the denoisers it names."""
     if isinstance(denoisers, str):
         if denoisers not in PRESETS:
             raise ValueError(f"unknown denoiser preset {denoisers!r}; choose one of {sorted(PRESETS)}"
                              " or pass a list of Denoiser")
-        return PRESETS[denoisers]
-    return tuple(denoisers)
+        denoisers = PRESETS[denoisers]
+    denoisers = tuple(denoisers)
+    if rates:
+        names = [str(d) for d in denoisers]
+        unknown = sorted(set(rates) - set(names))
+        if unknown:
+            raise ValueError(f"denoiser rates name {unknown}, which are not in the mixture; its "
+                             f"denoisers are {names}")
+        denoisers = tuple(dataclasses.replace(d, rate=float(rates[str(d)])) if str(d) in rates else d
+                          for d in denoisers)
+    return denoisers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +140,11 @@ class DenoiserPlan:
 
     raw_length: tokens of text each example takes; inputs_length / targets_length: the most
     tokens its inputs / targets can have, mode tokens and EOS included; max_sentinels: the
-    most sentinels one example uses.
+    most sentinels one example uses. R/X only: noise_tokens and noise_spans of every example
+    (T5's arithmetic for raw_length), longest_raw_length (what T5's random_spans_helper gives
+    for the inputs length) with longest_raw_spans, its span count, and shortened_for, why
+    raw_length is shorter: "sentinels", "span statistics" or "" when it is not.
+    budget_share: inputs_length / the task's inputs length (packing fills the rest of a row).
     """
     denoiser: Denoiser
     probability: float
@@ -113,6 +153,20 @@ class DenoiserPlan:
     inputs_length: int
     targets_length: int
     max_sentinels: int
+    noise_tokens: int = 0
+    noise_spans: int = 0
+    longest_raw_length: int = 0
+    longest_raw_spans: int = 0
+    shortened_for: str = ""
+    budget_share: float = 1.0
+
+
+# A plan keeps every R/X example within these relative errors of its denoiser's r and μ.
+# T5's random_spans_helper only maximizes the raw length, and its rounding can move the mean
+# span far from μ (X(64, .15) at inputs 512: one span of 90 tokens); a shorter raw length
+# whose own rounding lands near μ keeps the denoiser what it says it is.
+NOISE_DENSITY_TOLERANCE = 0.01
+MEAN_SPAN_TOLERANCE = 0.05
 
 
 def _validate(denoisers: Sequence[Denoiser]) -> None:
@@ -134,13 +188,57 @@ def _validate(denoisers: Sequence[Denoiser]) -> None:
             raise ValueError(f"{d}: mean_noise_span_length must be positive")
 
 
+def _extra_ids_hint(needed: int) -> str:
+    return (f"give the vocabulary at least {needed} sentinels: `ul2lab vocab --extra_ids {needed}` "
+            f"(a model that carries them), or seqio.SentencePieceVocabulary(path, "
+            f"extra_ids={needed}) for a model without <extra_id_N> pieces")
+
+
+def _span_raw_length(d: Denoiser, budget: int, sentinels: int,
+                     density_tolerance: Optional[float], span_tolerance: Optional[float]):
+    """(raw length, T5's longest raw length) of an R/X denoiser with `budget` inputs tokens.
+
+    The longest raw length whose example needs at most `sentinels` spans and whose noise density
+    and mean span are within the tolerances of r and μ (None: no such condition); when no length
+    meets the tolerances, the one closest to them (the longest among equals).
+    """
+    longest, _ = spans.random_spans_helper(budget, d.noise_density, d.mean_noise_span_length)
+    # tf.round works in float32: step back if that differs from T5's float64 helper
+    while spans.span_corruption_lengths(longest, d.noise_density,
+                                        d.mean_noise_span_length)[0] > budget:
+        longest -= 1
+    best, best_error = None, None
+    for raw in range(longest, 1, -1):
+        noise, count = spans.noise_counts(raw, d.noise_density, d.mean_noise_span_length)
+        if count > sentinels:
+            continue
+        error = 0.0
+        if density_tolerance is not None:
+            error = max(error, abs(noise / raw - d.noise_density) / (d.noise_density * density_tolerance))
+        if span_tolerance is not None:
+            error = max(error, abs(noise / count - d.mean_noise_span_length)
+                        / (d.mean_noise_span_length * span_tolerance))
+        if error <= 1.0:
+            return raw, longest
+        if best_error is None or error < best_error:
+            best, best_error = raw, error
+    return best, longest
+
+
 def plan_denoisers(denoisers: DenoisersArg, sequence_length: Mapping[str, int], vocabulary,
                    *, mode_token_ids: Optional[Mapping[str, Sequence[int]]] = None,
-                   input_feature_key: str = "inputs") -> Tuple[DenoiserPlan, ...]:
+                   input_feature_key: str = "inputs",
+                   noise_density_tolerance: Optional[float] = NOISE_DENSITY_TOLERANCE,
+                   mean_span_tolerance: Optional[float] = MEAN_SPAN_TOLERANCE
+                   ) -> Tuple[DenoiserPlan, ...]:
     """Lengths of every denoiser with a positive rate; ValueError if the lengths cannot fit.
 
     Mode tokens are tokenized by `vocabulary` unless mode_token_ids maps the mode text to
-    dedicated ids; they count against the inputs length.
+    dedicated ids; they count against the inputs length. An R/X example never needs more spans
+    than the vocabulary has sentinels (spans.sentinel_count): where T5's longest raw segment would,
+    the plan takes a shorter one, so μ and r stay exact and the inputs are shorter than the feature
+    length (packing fills the row); likewise where T5's rounding would move the noise density or
+    the mean span out of the tolerances (None: keep T5's length when the sentinels allow it).
     """
     denoisers = resolve_denoisers(denoisers)
     _validate(denoisers)
@@ -150,6 +248,7 @@ def plan_denoisers(denoisers: DenoisersArg, sequence_length: Mapping[str, int], 
                          f"{input_feature_key!r} and 'targets', got {sequence_length}")
     inputs_budget = sequence_length[input_feature_key]
     targets_budget = sequence_length["targets"]
+    sentinels = spans.sentinel_count(vocabulary)
     total_rate = sum(d.rate for d in denoisers)
     plans = []
     for d in denoisers:
@@ -162,29 +261,40 @@ def plan_denoisers(denoisers: DenoisersArg, sequence_length: Mapping[str, int], 
         else:
             mode_ids = tuple(int(i) for i in vocabulary.encode(d.mode_token))
         budget = inputs_budget - len(mode_ids)  # what is left for the corrupted text and EOS
+        extra = {}
         if d.kind == "S":
+            if d.add_sentinel and sentinels == 0:
+                raise ValueError(f"denoiser {d} (add_sentinel) ends its prefix with <extra_id_0> but "
+                                 f"the vocabulary {vocabulary} has no sentinel ids; {_extra_ids_hint(1)}")
             # the prefix (at most raw - 1 tokens) [+ sentinel] + EOS fills the inputs budget
             raw = budget - int(d.add_sentinel)
             inputs_length = len(mode_ids) + raw - 1 + int(d.add_sentinel) + 1
             targets_length = int(d.add_sentinel) + raw - 1 + 1
             max_sentinels = int(d.add_sentinel)
         else:
-            raw, _ = spans.random_spans_helper(budget, d.noise_density, d.mean_noise_span_length)
-            # tf.round works in float32: step back if that differs from T5's float64 helper
-            while spans.span_corruption_lengths(raw, d.noise_density,
-                                                d.mean_noise_span_length)[0] > budget:
-                raw -= 1
-            inputs_without_mode, targets_length = spans.span_corruption_lengths(
-                raw, d.noise_density, d.mean_noise_span_length)
-            inputs_length = len(mode_ids) + inputs_without_mode
-            max_sentinels = targets_length - 1 - int(
-                np.round(np.float32(raw) * np.float32(d.noise_density)))
-        if raw < 2:
+            if sentinels == 0:
+                raise ValueError(f"denoiser {d} marks spans with sentinel ids but the vocabulary "
+                                 f"{vocabulary} has none; {_extra_ids_hint(100)}")
+            raw, longest = (None, 0) if budget < 3 else _span_raw_length(
+                d, budget, sentinels, noise_density_tolerance, mean_span_tolerance)
+            if raw is not None:
+                inputs_without_mode, targets_length = spans.span_corruption_lengths(
+                    raw, d.noise_density, d.mean_noise_span_length)
+                inputs_length = len(mode_ids) + inputs_without_mode
+                noise, max_sentinels = spans.noise_counts(raw, d.noise_density,
+                                                          d.mean_noise_span_length)
+                needed = spans.noise_counts(longest, d.noise_density, d.mean_noise_span_length)[1]
+                reason = "" if raw == longest else (
+                    "sentinels" if needed > sentinels else "span statistics")
+                extra = dict(noise_tokens=noise, noise_spans=max_sentinels, longest_raw_length=longest,
+                             longest_raw_spans=needed, shortened_for=reason)
+        if raw is None or raw < 2:
             raise ValueError(f"denoiser {d} has no room for text at inputs length {inputs_budget} "
                              f"(mode tokens take {len(mode_ids)}); raise sequence_length"
                              f"[{input_feature_key!r}]")
         plans.append(DenoiserPlan(d, d.rate / total_rate, mode_ids, raw, inputs_length,
-                                  targets_length, max_sentinels))
+                                  targets_length, max_sentinels,
+                                  budget_share=inputs_length / inputs_budget, **extra))
     too_long = [p for p in plans if p.targets_length > targets_budget]
     if too_long:
         needs = ", ".join(f"{p.denoiser} needs {p.targets_length}" for p in too_long)
@@ -192,19 +302,48 @@ def plan_denoisers(denoisers: DenoisersArg, sequence_length: Mapping[str, int], 
             f"the task's targets length {targets_budget} is too short at inputs length "
             f"{inputs_budget}: {needs}; set sequence_length['targets'] to at least "
             f"{max(p.targets_length for p in too_long)} or drop those denoisers")
-    extra_ids = getattr(vocabulary, "extra_ids", None)
-    for plan in plans:
-        if extra_ids == 0 and plan.max_sentinels > 0:  # every sentinel would be an ordinary piece
-            raise ValueError(
-                f"denoiser {plan.denoiser} marks spans with sentinel ids but the vocabulary {vocabulary} "
-                "has no extra ids; give it extra ids (T5 uses 100: seqio.SentencePieceVocabulary(path, "
-                "extra_ids=100))")
-        if extra_ids is not None and plan.max_sentinels > extra_ids:
-            logging.warning(
-                "denoiser %s uses up to %d sentinels but the vocabulary has %d extra ids; the "
-                "sentinels past <extra_id_%d> reuse ordinary piece ids, as in T5", plan.denoiser,
-                plan.max_sentinels, extra_ids, extra_ids - 1)
+    _report(plans, sequence_length, input_feature_key, sentinels)
     return tuple(plans)
+
+
+def describe_plans(plans: Sequence[DenoiserPlan]) -> str:
+    """One line: each denoiser's share, raw length, inputs / targets lengths and budget share."""
+    parts = []
+    for p in plans:
+        text = (f"{p.denoiser} {p.probability:.0%}: raw {p.raw_length} -> inputs {p.inputs_length} "
+                f"({p.budget_share:.0%} of the budget), targets {p.targets_length}")
+        if p.denoiser.kind != "S":
+            text += f", {p.noise_spans} spans"
+        if p.shortened_for == "sentinels":
+            text += (f" (T5's raw {p.longest_raw_length} would need {p.longest_raw_spans} "
+                     "sentinels)")
+        elif p.shortened_for:
+            text += f" (T5's raw {p.longest_raw_length} shortened to keep r and the mean span)"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+_REPORTED = set()  # plans already logged in this process (every dataset build plans again)
+_REPORT_LOCK = threading.Lock()
+
+
+def _report(plans, sequence_length, input_feature_key, sentinels) -> None:
+    line = (f"denoiser plan at {input_feature_key} {sequence_length[input_feature_key]} / targets "
+            f"{sequence_length['targets']}, {sentinels} sentinels: {describe_plans(plans)}")
+    with _REPORT_LOCK:
+        if line in _REPORTED:
+            return
+        _REPORTED.add(line)
+    logging.info("%s", line)
+    capped = [p for p in plans if p.shortened_for == "sentinels"]
+    if capped:
+        needed = max(p.longest_raw_spans for p in capped)
+        logging.warning(
+            "%s %s shorter text than the inputs length allows (inputs %s of %d), because the "
+            "vocabulary has %d sentinels; span lengths and noise density stay exact. To fill the "
+            "length, %s", ", ".join(str(p.denoiser) for p in capped), "uses" if len(capped) == 1 else "use",
+            ", ".join(str(p.inputs_length) for p in capped), sequence_length[input_feature_key],
+            sentinels, _extra_ids_hint(needed))
 
 
 # --------------------------------------------------------------------- skipped text
@@ -414,27 +553,38 @@ def mixture_of_denoisers(dataset: tf.data.Dataset,
                          documents_per_block: int = 128,
                          input_feature_key: str = "inputs",
                          denoiser_feature_key: Optional[str] = None,
-                         skipped_text: Optional[SkippedText] = None) -> tf.data.Dataset:
+                         skipped_text: Optional[SkippedText] = None,
+                         rates: Optional[Mapping[str, float]] = None,
+                         noise_density_tolerance: Optional[float] = NOISE_DENSITY_TOLERANCE,
+                         mean_span_tolerance: Optional[float] = MEAN_SPAN_TOLERANCE
+                         ) -> tf.data.Dataset:
     """seqio preprocessor: tokenized documents in "targets" → UL2 denoising examples.
 
     Place it after seqio.preprocessors.tokenize and before
     seqio.preprocessors.append_eos_after_trim, as T5's span_corruption.
 
-    denoisers: a preset name ("UL2", "UL2R", "T5") or a sequence of Denoiser.
+    denoisers: a preset name ("UL2", "UL2_APPENDIX", "UL2R", "T5") or a sequence of Denoiser.
+    rates: {denoiser name: rate} replacing the rates of those denoisers, e.g. in gin
+      ul2lab.mixture_of_denoisers.rates = {"S(0.25)": 0.5, "X(64, 0.5)": 0.0}.
     mode_token_ids: {mode text: ids} to use dedicated ids instead of tokenizing the mode text.
     merge_examples_to_reduce_padding: concatenate documents_per_block documents before
       cutting segments (T5's default); if False each document is cut on its own and
       documents shorter than their denoiser's raw length are skipped.
     denoiser_feature_key: also output the index of each example's denoiser under this key.
     skipped_text: counter of unused text (default: the module-wide SKIPPED_TEXT).
+    noise_density_tolerance / mean_span_tolerance: how far each R/X example's noise density and
+      mean span may be from r and μ before the plan shortens the raw segment (plan_denoisers);
+      None for T5's raw lengths wherever the vocabulary's sentinels allow them.
     """
     vocabulary = output_features["targets"].vocabulary
     if input_feature_key in output_features and \
             output_features[input_feature_key].vocabulary != vocabulary:
         raise ValueError("the mixture of denoisers builds inputs from the targets' tokens, so "
                          f"{input_feature_key!r} and 'targets' must share one vocabulary")
-    plans = plan_denoisers(denoisers, sequence_length, vocabulary, mode_token_ids=mode_token_ids,
-                           input_feature_key=input_feature_key)
+    plans = plan_denoisers(resolve_denoisers(denoisers, rates), sequence_length, vocabulary,
+                           mode_token_ids=mode_token_ids, input_feature_key=input_feature_key,
+                           noise_density_tolerance=noise_density_tolerance,
+                           mean_span_tolerance=mean_span_tolerance)
     counter = SKIPPED_TEXT if skipped_text is None else skipped_text
 
     dataset = concatenate_documents(

@@ -30,12 +30,12 @@ def span_corruption_lengths(tokens_length: int, noise_density: float,
     spans, so the lengths are what the graph op will produce (no off-by-one at .5 ties).
     """
     length = max(tokens_length, 2)
-    num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
+    num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
     return (length - num_noise + num_spans * extra_tokens_per_span_inputs + 1,
             num_noise + num_spans * extra_tokens_per_span_targets + 1)
 
 
-def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
+def noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
     """(noise tokens, noise spans) of a mask of `length` >= 2, in float32 as the graph op counts."""
     num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
     num_noise = min(max(num_noise, 1), length - 1)
@@ -121,7 +121,7 @@ def random_spans_noise_mask_batch(batch_size, length, noise_density, seeds,
         # counts known when the graph is built (the mixture's case): the same float32 arithmetic
         # in numpy, so the segmentation can pick its cheaper exact path
         length = max(int(length), 2)
-        num_noise_tokens, num_noise_spans = _noise_counts(length, noise_density,
+        num_noise_tokens, num_noise_spans = noise_counts(length, noise_density,
                                                           mean_noise_span_length)
     else:
         length = tf.maximum(length, 2)  # avoid degeneracy, as T5 does
@@ -179,6 +179,27 @@ def random_prefix_noise_mask(length, noise_density, seeds):
 def sentinel_id(vocabulary) -> int:
     """Id of `<extra_id_0>`: the last id of the vocabulary (seqio numbers extra ids downwards)."""
     return vocabulary.vocab_size - 1
+
+
+def sentinel_count(vocabulary) -> int:
+    """How many ids from the top down are sentinels: <extra_id_k> is id vocab_size - 1 - k.
+
+    Two layouts give sentinels, as T5 pairs its vocabulary: extra ids seqio adds on top of the
+    model (`SentencePieceVocabulary(path, extra_ids=100)`), and `<extra_id_k>` pieces inside the
+    SentencePiece model itself (T5's `cc_all.32000.100extra` file loaded with extra_ids=0, or a
+    `ul2lab vocab --extra_ids N` model). Both count; an id past them is an ordinary piece and must
+    never stand for a span.
+    """
+    count = int(getattr(vocabulary, "extra_ids", 0) or 0)
+    tokenizer = getattr(vocabulary, "tokenizer", None)  # SentencePiece vocabularies only
+    if tokenizer is None:
+        return count
+    pieces = tokenizer.get_piece_size()
+    for k in range(count, pieces):
+        if tokenizer.id_to_piece(vocabulary.vocab_size - 1 - k) != f"<extra_id_{k}>":
+            break
+        count += 1
+    return count
 
 
 def replace_noise_spans(tokens, noise_mask, first_sentinel_id):
