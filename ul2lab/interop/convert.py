@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from typing import Optional, Tuple
 
+import jax
+import numpy as np
 from flax import traverse_util
 
 from ul2lab.errors import UserError
@@ -69,12 +71,13 @@ def export_hf(checkpoint_dir: str, output_dir: str, vocab_path: Optional[str] = 
 # ----------------------------------------------------------------------------- t5x and Mesh TensorFlow
 
 def import_t5x(checkpoint_dir: str, output_dir: str, model: Optional[str] = None, gin_file: Optional[str] = None,
-               vocab_path: Optional[str] = None, overwrite: bool = False) -> str:
+               vocab_path: Optional[str] = None, overwrite: bool = False, with_optimizer_state: bool = False) -> str:
     """A t5x checkpoint (MODEL_DIR or checkpoint_<step>; msgpack, tensorstore or orbax layout) -> a ul2lab
     checkpoint at the same step, written one array at a time; returns the checkpoint directory.
 
     The model's shape is read from the arrays; activations and dropout from `model` (a preset),
-    `gin_file`, or else the config.gin t5x saved in MODEL_DIR."""
+    `gin_file`, or else the config.gin t5x saved in MODEL_DIR. with_optimizer_state: also t5x's
+    Adafactor moments, as a whole train state that `ul2lab train` resumes (MODEL_DIR = output_dir)."""
     out = _check_output(output_dir, overwrite)
     vocab_path = _vocab(vocab_path)
     checkpoint = t5x_files.open_checkpoint(checkpoint_dir)
@@ -86,10 +89,18 @@ def import_t5x(checkpoint_dir: str, output_dir: str, model: Optional[str] = None
     declared, declared_by = _declared_model(model, gin_file, run_gin)
     config = t5x.infer_config(target, checkpoint.path, declared, declared_by)
     params, _ = t5x.import_params(target, config, checkpoint.path)
+    opt_state = run = None
+    if with_optimizer_state:
+        opt_state = t5x.import_adafactor_state(checkpoint.arrays, config, checkpoint.step, checkpoint.path)
+        run = {"step": checkpoint.step, "rng": np.asarray(jax.random.PRNGKey(0)).tolist(),
+               "mixture_or_task_name": None, "data_batches": 0, "batch_size": None}
     _write_beside(out, overwrite, lambda tmp: checkpoints.save_params(
-        tmp, traverse_util.unflatten_dict(params, sep="/"), config, step=checkpoint.step, vocab_path=vocab_path))
+        tmp, traverse_util.unflatten_dict(params, sep="/"), config, step=checkpoint.step, vocab_path=vocab_path,
+        opt_state=opt_state, run=run))
     print(f"imported {checkpoint.path} ({checkpoint.layout}, step {checkpoint.step}) -> {out}: {_summary(config)}; "
-          f"activations {'/'.join(config.mlp_activations)} from {declared_by}")
+          f"activations {'/'.join(config.mlp_activations)} from {declared_by}"
+          + ("; with t5x's Adafactor state: train with MODEL_DIR=" + out + " to continue at step "
+             f"{checkpoint.step}" if with_optimizer_state else ""))
     return out
 
 

@@ -266,3 +266,49 @@ def _layer(load, cache: list, i: int, last: bool) -> np.ndarray:
 def _to_t5x(name: str, shape: tuple, load) -> LazyArray:
     flat = _kernel_2d(name, shape) or shape
     return LazyArray(flat, np.float32, lambda: np.ascontiguousarray(np.asarray(load(), np.float32).reshape(flat)))
+
+
+# ----------------------------------------------------------------------------- Adafactor state
+
+def import_adafactor_state(arrays: Mapping[str, LazyArray], config: T5Config, step: int, where: str):
+    """The state of ul2lab's default Adafactor (t5x's defaults) from t5x's `state/param_states`.
+
+    t5x's Adafactor keeps per parameter v_row/v_col (factored second moments), v (unfactored) and m
+    (momentum), unused ones as zeros of shape (1,). For 2-D parameters (every kernel t5x's examples/t5
+    network stores) t5x factors by its heuristic (the two largest dimensions, if both >= 128), which is
+    optax's rule too, and ul2lab factors attention kernels in their 2-D view: the arrays map one to one.
+    Counts become `step`. Anything else (momentum, another factoring, scanned layers) is an error."""
+    from ul2lab.train import state as train_state  # the trainer's optimizer, so its state restores
+
+    if config.scan_layers:
+        raise T5xModelError(f"{where}: --with_optimizer_state reads unrolled layers (layers_<i>); this checkpoint "
+                            "is scanned: import without it (the moments start from zero, as in t5x)")
+    abstract_params = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in expected_params(config).items()}
+    optimizer = train_state.default_optimizer(learning_rate=0.0)
+    abstract = jax.eval_shape(optimizer.init, traverse_util.unflatten_dict(abstract_params, sep="/"))
+    problems: List[str] = []
+
+    for name, lazy in arrays.items():
+        if name.startswith("state/param_states/") and name.endswith("/m") and lazy.shape != (1,):
+            problems.append(f"{name} holds momentum {lazy.shape} (Adafactor beta1); ul2lab's default has none")
+
+    def leaf(path, abstract_leaf):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        field = next((k for k in keys if k in ("count", "v_row", "v_col", "v")), None)
+        if field == "count":
+            return np.asarray(step, np.int32)
+        param = "/".join(str(k) for k in keys if isinstance(k, str) and k not in ("v_row", "v_col", "v"))
+        name = f"state/param_states/{param}/{field}"
+        shape = tuple(abstract_leaf.shape)
+        if field is None or name not in arrays:
+            problems.append(f"no {name}")
+            return np.zeros(shape, np.float32)
+        if arrays[name].shape != shape:
+            problems.append(f"{name} is {arrays[name].shape}, ul2lab's Adafactor keeps {shape}")
+        return arrays[name]
+
+    state = jax.tree_util.tree_map_with_path(leaf, abstract)
+    if problems:
+        raise T5xModelError(f"{where}: the optimizer state is not t5x's Adafactor for this model ({'; '.join(problems[:3])}"
+                            f"{' ...' if len(problems) > 3 else ''}); import without --with_optimizer_state")
+    return state

@@ -137,30 +137,36 @@ class _OneArrayAtATime(ocp.type_handlers.NumpyHandler):
             del array
 
 
-def _params_handler() -> ocp.PyTreeCheckpointHandler:
+def _lazy_tree_handler() -> ocp.PyTreeCheckpointHandler:
     registry = ocp.type_handlers.create_type_handler_registry(
         (LazyArray, _OneArrayAtATime()), (np.ndarray, ocp.type_handlers.NumpyHandler()))
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def save_params(directory: str, params: Any, config: T5Config, step: int = 0,
-                vocab_path: Optional[str] = None, overwrite: bool = False):
+                vocab_path: Optional[str] = None, overwrite: bool = False, opt_state: Any = None,
+                run: Optional[dict] = None):
     """Write a params-only checkpoint (what `import-hf` produces; loadable as INITIAL_CHECKPOINT_PATH).
 
-    Leaves may be LazyArrays (float32), loaded and written one at a time."""
+    Leaves may be LazyArrays (float32), loaded and written one at a time. With `opt_state` and `run`
+    (the trainer's items, see RunCheckpoints) the step is a whole train state a run resumes from."""
     directory = os.path.abspath(directory)
     if has_checkpoint(directory) and not overwrite:
         raise CheckpointError(f"{directory} already holds a checkpoint; pass --overwrite to replace it, "
                               "or choose another directory")
     params = jax.tree_util.tree_map(lambda x: x if isinstance(x, LazyArray) else np.asarray(x, np.float32),
                                     params, is_leaf=lambda x: isinstance(x, LazyArray))
+    items = {"params": ocp.args.PyTreeSave(params)}
+    handlers = {"params": _lazy_tree_handler()}
+    if opt_state is not None:
+        items.update(opt_state=ocp.args.PyTreeSave(opt_state), run=ocp.args.JsonSave(run))
+        handlers.update(opt_state=_lazy_tree_handler(), run=ocp.JsonCheckpointHandler())
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, enable_async_checkpointing=False),
-            item_handlers={"params": _params_handler()}) as manager:
+            max_to_keep=None, enable_async_checkpointing=False), item_handlers=handlers) as manager:
         if overwrite:
             for old in manager.all_steps():
                 manager.delete(old)
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params)), force=True)
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
     write_config(directory, config, vocab_path)
 
