@@ -35,6 +35,7 @@ ARRAY_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "nu
                 "num_decoder_layers", "relative_attention_num_buckets", "logits_via_embedding",
                 "decoder_norm_use_scale")
 T5X_SCAN_AXIS = 1  # t5x's and flaxformer's default param_scan_axis
+_OTHER_FACTOR = {"v_row": "v_col", "v_col": "v_row"}
 
 
 class T5xModelError(UserError, ValueError):
@@ -277,6 +278,11 @@ def import_adafactor_state(arrays: Mapping[str, LazyArray], config: T5Config, st
     (momentum), unused ones as zeros of shape (1,). For 2-D parameters (every kernel t5x's examples/t5
     network stores) t5x factors by its heuristic (the two largest dimensions, if both >= 128), which is
     optax's rule too, and ul2lab factors attention kernels in their 2-D view: the arrays map one to one.
+    Naming: optax (like t5x's heuristic factoring) calls `v_row` the moment averaged over a matrix's
+    larger dimension; t5x's logical factor rules (its default gin) call `v_row` the one averaged over
+    the non-embed dimension. Where the two differ (an attention kernel with embed > heads * kv, as in
+    T5.1.1 small) the shapes differ, and each t5x array goes to the slot of its shape: the factored
+    second moment is the same outer product either way.
     Counts become `step`. Anything else (momentum, another factoring, scanned layers) is an error."""
     from ul2lab.train import state as train_state  # the trainer's optimizer, so its state restores
 
@@ -284,7 +290,8 @@ def import_adafactor_state(arrays: Mapping[str, LazyArray], config: T5Config, st
         raise T5xModelError(f"{where}: --with_optimizer_state reads unrolled layers (layers_<i>); this checkpoint "
                             "is scanned: import without it (the moments start from zero, as in t5x)")
     abstract_params = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in expected_params(config).items()}
-    optimizer = train_state.default_optimizer(learning_rate=0.0)
+    # a schedule, as the trainer always passes one: its state counts steps too (set to `step` below)
+    optimizer = train_state.default_optimizer(learning_rate=lambda count: 0.0)
     abstract = jax.eval_shape(optimizer.init, traverse_util.unflatten_dict(abstract_params, sep="/"))
     problems: List[str] = []
 
@@ -303,6 +310,9 @@ def import_adafactor_state(arrays: Mapping[str, LazyArray], config: T5Config, st
         if field is None or name not in arrays:
             problems.append(f"no {name}")
             return np.zeros(shape, np.float32)
+        other = f"state/param_states/{param}/{_OTHER_FACTOR.get(field)}"
+        if arrays[name].shape != shape and other in arrays and arrays[other].shape == shape:
+            return arrays[other]  # the same moment under t5x's factor rules' name (see above)
         if arrays[name].shape != shape:
             problems.append(f"{name} is {arrays[name].shape}, ul2lab's Adafactor keeps {shape}")
         return arrays[name]

@@ -159,7 +159,10 @@ def _index_msgpack(path: str):
     with open(path, "rb") as f, open(path, "rb") as peek:
         unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=max(size, 2**20))
 
-        def node():
+        where = [""]  # the parameter being read, for the error when the file ends inside it
+
+        def node(name: str):
+            where[0] = name
             start = unpacker.tell()
             peek.seek(start)
             first = peek.read(1)
@@ -167,7 +170,11 @@ def _index_msgpack(path: str):
                 raise msgpack.OutOfData
             kind = first[0]
             if kind in _MSGPACK_MAP:
-                return {str(unpacker.unpack()): node() for _ in range(unpacker.read_map_header())}
+                entries = {}
+                for _ in range(unpacker.read_map_header()):
+                    key = str(unpacker.unpack())
+                    entries[key] = node(f"{name}/{key}" if name else key)
+                return entries
             if kind in _MSGPACK_EXT_HEADER:
                 header = _MSGPACK_EXT_HEADER[kind]
                 unpacker.skip()
@@ -184,10 +191,16 @@ def _index_msgpack(path: str):
             return unpacker.unpack()
 
         try:
-            return node()
+            return node("")
         except (msgpack.OutOfData, msgpack.ExtraData, ValueError, TypeError, UnicodeDecodeError) as e:
-            raise T5xFormatError(f"{path} is not a readable t5x checkpoint file: it is truncated or not msgpack "
-                                 f"({type(e).__name__}); copy the checkpoint again") from None
+            inside = f" (it ends inside parameter {_parameter_name(where[0])})" if where[0] else ""
+            raise T5xFormatError(f"{path} is not a readable t5x checkpoint file: it is truncated or not msgpack"
+                                 f"{inside} ({type(e).__name__}); copy the checkpoint again") from None
+
+
+def _parameter_name(path: str) -> str:
+    """t5x's tree path without its optimizer wrapping: optimizer/target/x/y -> target/x/y."""
+    return path[len("optimizer/"):] if path.startswith("optimizer/") else path
 
 
 def _restore(data: bytes):
