@@ -542,3 +542,46 @@ def test_convert_library_functions_return_their_directories(imported_fixture, tm
     assert out == str(tmp_path / "a") and checkpoints.has_checkpoint(out)
     step_dir = convert.export_t5x(out, str(tmp_path / "b"))
     assert step_dir == str(tmp_path / "b" / "checkpoint_0") and os.path.isfile(os.path.join(step_dir, "checkpoint"))
+
+
+MTF_OPERATIVE_CONFIG = """\
+import mesh_tensorflow.optimize
+import mesh_tensorflow.transformer.dataset
+
+# Macros:
+# ==============================================================================
+d_ff = 2048
+d_kv = 64
+d_model = 768
+dropout_rate = 0.1
+num_heads = 12
+num_layers = 12
+
+# Parameters for DenseReluDense:
+# ==============================================================================
+DenseReluDense.activation = ['gelu', 'linear']
+DenseReluDense.dropout_rate = %dropout_rate
+DenseReluDense.hidden_size = %d_ff
+
+# Parameters for decoder/make_layer_stack:
+# ==============================================================================
+decoder/make_layer_stack.block_scope = True
+decoder/make_layer_stack.layers = \\
+    [@mesh_tensorflow.transformer.transformer_layers.SelfAttention,
+     @mesh_tensorflow.transformer.transformer_layers.EncDecAttention,
+     @mesh_tensorflow.transformer.transformer_layers.DenseReluDense]
+decoder/make_layer_stack.num_layers = %num_layers
+"""
+
+
+def test_mtf_operative_config_gives_the_model(tmp_path):
+    from ul2lab.interop import model_gin
+    fields = model_gin.read(_gin(tmp_path, MTF_OPERATIVE_CONFIG))
+    assert fields["mlp_activations"] == ("gelu", "linear")
+    assert (fields["emb_dim"], fields["mlp_dim"], fields["head_dim"], fields["num_heads"]) == (768, 2048, 64, 12)
+    assert (fields["num_encoder_layers"], fields["num_decoder_layers"], fields["dropout_rate"]) == (12, 12, 0.1)
+    t5x_fields = model_gin.read(_gin(tmp_path, "from __gin__ import dynamic_registration\n"
+                                               "from t5x.examples.t5 import network\n"
+                                               "network.T5Config:\n  mlp_activations = ('silu', 'linear')\n"
+                                               "  emb_dim = 4096"))
+    assert t5x_fields == {"mlp_activations": ("silu", "linear"), "emb_dim": 4096}

@@ -256,6 +256,8 @@ def _zarr_array(step_dir: str, name: str, spec: dict) -> LazyArray:
         raise T5xFormatError(f"{step_dir}/{MSGPACK_FILE}: parameter {name} has a tensorstore spec without a path "
                              f"or shape ({spec}); is the checkpoint from another tool?")
     location = os.path.join(step_dir, relative)
+    if not os.path.exists(location):  # a spec naming the folder by its path in the bucket it was written to
+        location = os.path.join(step_dir, os.path.basename(relative.rstrip("/")))
     shape = tuple(int(d) for d in metadata["shape"])
     stored = spec.get("dtype") or metadata.get("dtype") or "float32"
 
