@@ -152,6 +152,26 @@ def test_tensorstore_layout_imports_as_the_msgpack_one(imported_fixture, tmp_pat
         assert flat_a[name].tobytes() == flat_b[name].tobytes(), name
 
 
+def test_orbax_layout_imports_as_the_msgpack_one(imported_fixture, tmp_path):
+    import orbax.checkpoint as ocp
+    _, out = imported_fixture
+    # t5x's OrbaxCheckpointManagerInterface: checkpoint_<step>/state/ holds the train state as an orbax PyTree
+    tree = _fixture_tree()["optimizer"]
+    state = {"target": tree["target"], "state": {"step": np.asarray(0, np.int32)}}
+    step_dir = tmp_path / "t5x" / "checkpoint_0"
+    step_dir.mkdir(parents=True)
+    ocp.PyTreeCheckpointer().save(str(step_dir / "state"), state)
+    (tmp_path / "t5x" / "config.gin").write_text(TINY_GIN)
+    again = str(tmp_path / "ul2lab")
+    code, err = _cli(["import-t5x", "--checkpoint_dir", str(tmp_path / "t5x"), "--output_dir", again])
+    assert code == 0, err
+    assert t5x_files.open_checkpoint(str(step_dir)).layout == "orbax"
+    flat_a, flat_b = (traverse_util.flatten_dict(checkpoints.load_params(d)[1], sep="/") for d in (out, again))
+    assert flat_a.keys() == flat_b.keys()
+    for name in flat_a:
+        assert flat_a[name].tobytes() == flat_b[name].tobytes(), name
+
+
 # ----------------------------------------------------------------------------- round trips
 
 ROUND_TRIP = T5Config(vocab_size=96, emb_dim=16, num_heads=2, num_encoder_layers=2, num_decoder_layers=1,
