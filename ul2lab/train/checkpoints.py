@@ -8,11 +8,12 @@ Layout of a checkpoint directory (MODEL_DIR of a run, or the output of `import-h
 
 Readers need no gin: `read_config` + `load_params` rebuild the network.
 """
+import dataclasses
 import json
 import os
 import shutil
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -92,22 +93,124 @@ def copy_step(source: str, destination: str, step: int):
     multihost_utils.sync_global_devices(f"ul2lab: step {step} of {source} copied")
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyArray:
+    """An array known by shape and dtype, read only when `load()` is called: save_params writes trees of
+    these one array at a time, so a model larger than host memory converts if each array fits."""
+    shape: Tuple[int, ...]
+    dtype: Any
+    load: Callable[[], np.ndarray]
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class _OneArrayAtATime(ocp.type_handlers.NumpyHandler):
+    """Writes LazyArrays as orbax writes numpy arrays (same files and metadata, read back as numpy),
+    loading each only when its turn comes and dropping it once written."""
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(self._write_in_turn(values, infos, args),
+                                                                 name="ul2lab_lazy_arrays")]
+
+    async def _write_in_turn(self, values, infos, args):
+        for lazy, info, arg in zip(values, infos, args):
+            array = np.asarray(lazy.load())
+            if array.shape != lazy.shape or array.dtype != lazy.dtype:
+                raise CheckpointError(f"parameter {info.name} was announced as {lazy.shape} {lazy.dtype} "
+                                      f"but read as {array.shape} {array.dtype}")
+            await self._background_serialize([array], [info], [arg])
+            del array
+
+
+def _lazy_tree_handler() -> ocp.PyTreeCheckpointHandler:
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (LazyArray, _OneArrayAtATime()), (np.ndarray, ocp.type_handlers.NumpyHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def save_params(directory: str, params: Any, config: T5Config, step: int = 0,
-                vocab_path: Optional[str] = None, overwrite: bool = False):
-    """Write a params-only checkpoint (what `import-hf` produces; loadable as INITIAL_CHECKPOINT_PATH)."""
+                vocab_path: Optional[str] = None, overwrite: bool = False, opt_state: Any = None,
+                run: Optional[dict] = None):
+    """Write a params-only checkpoint (what `import-hf` produces; loadable as INITIAL_CHECKPOINT_PATH).
+
+    Leaves may be LazyArrays (float32), loaded and written one at a time. With `opt_state` and `run`
+    (the trainer's items, see RunCheckpoints) the step is a whole train state a run resumes from."""
     directory = os.path.abspath(directory)
     if has_checkpoint(directory) and not overwrite:
         raise CheckpointError(f"{directory} already holds a checkpoint; pass --overwrite to replace it, "
                               "or choose another directory")
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    params = jax.tree_util.tree_map(lambda x: x if isinstance(x, LazyArray) else np.asarray(x, np.float32),
+                                    params, is_leaf=lambda x: isinstance(x, LazyArray))
+    items = {"params": ocp.args.PyTreeSave(params)}
+    handlers = {"params": _lazy_tree_handler()}
+    if opt_state is not None:
+        items.update(opt_state=ocp.args.PyTreeSave(opt_state), run=ocp.args.JsonSave(run))
+        handlers.update(opt_state=_lazy_tree_handler(), run=ocp.JsonCheckpointHandler())
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, enable_async_checkpointing=False)) as manager:
+            max_to_keep=None, enable_async_checkpointing=False), item_handlers=handlers) as manager:
         if overwrite:
             for old in manager.all_steps():
                 manager.delete(old)
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
     write_config(directory, config, vocab_path)
+
+
+def param_arrays(directory: str, step: Optional[int] = None) -> Tuple[T5Config, int, Dict[str, LazyArray]]:
+    """(config, step, {"/"-joined parameter path: LazyArray}) of a checkpoint step: shapes come from
+    the step's metadata and each array is read only when loaded (to convert models larger than memory)."""
+    directory = os.path.abspath(directory)
+    config, _ = read_config(directory)
+    steps = all_steps(directory)
+    if not steps or (step is not None and step not in steps):
+        raise CheckpointError(f"{directory} has no finished checkpoint step {'' if step is None else step}"
+                              f"{'' if not steps else f'; it has steps {steps}'}")
+    step = steps[-1] if step is None else step
+    return config, step, pytree_arrays(os.path.join(directory, str(step), "params"))
+
+
+def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
+    """{"/"-joined path: LazyArray} of an orbax PyTree directory (a step's `params`, or t5x's orbax
+    `state`), each leaf read alone (an orbax partial restore) when loaded."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(pytree_dir)
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+
+    def nested(keys, value):
+        for key in reversed(keys):
+            value = {key: value}
+        return value
+
+    def loader(keys, leaf):
+        def load():
+            restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
+                item=nested(keys, leaf), restore_args=nested(keys, ocp.RestoreArgs(restore_type=np.ndarray)),
+                partial_restore=True))
+            for key in keys:
+                restored = restored[key]
+            return np.asarray(restored)
+        return load
+
+    arrays = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        arrays["/".join(keys)] = LazyArray(tuple(leaf.shape), np.dtype(leaf.dtype), loader(keys, leaf))
+    return arrays
 
 
 def load_params(directory: str, step: Optional[int] = None) -> Tuple[T5Config, Any]:
