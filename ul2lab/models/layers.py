@@ -181,11 +181,13 @@ class SegmentMask:
 
 
 def segment_ids_for_mask(valid, segment_ids=None):
-    """SegmentMask ids: the segment id on real tokens (1 when rows are not packed), 0 on padding.
+    """SegmentMask ids: segment id + 1 on real tokens, 0 on padding.
 
-    Packed rows are expected to number their segments from 1, as seqio's packing does."""
-    ids = jnp.ones(valid.shape, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    return jnp.where(valid, ids, 0)
+    The shift keeps the reference's meaning for any segment ids >= 0: seqio numbers segments from
+    1 and gives padding 0, but a real token whose segment id is 0 is still a real token there.
+    Unpacked rows (no segment ids) are one segment."""
+    ids = jnp.zeros(valid.shape, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return jnp.where(valid, ids + 1, 0)
 
 
 def dot_product_attention(query, key, value, mask, bias, *, dtype, float32_logits: bool,

@@ -120,7 +120,7 @@ class _Layout:
 def _dot(a, b, *, trans_a=False, trans_b=False):
     # float32 inputs: full precision (Triton would otherwise use TF32); accumulation is float32
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def _masked_scores(q, k, bias_ref, q_ids, k_ids, row0, col0, layout: _Layout):
