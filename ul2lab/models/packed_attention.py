@@ -360,8 +360,12 @@ def packed_attention(query, key, value, offset_bias, query_segment_ids, key_segm
                          f"must be {(batch, q_len)} / {(batch, k_len)}")
     if causal and q_len != k_len:
         raise ValueError(f"packed_attention: causal attention needs q_len == k_len, got {q_len} and {k_len}")
+    backend = jax.default_backend()
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = backend == "cpu"
+    if not interpret and backend == "tpu":  # (interpret=False on a CPU: lowering for CUDA, as the tests do)
+        raise ValueError(f"attention_impl='pallas' runs on NVIDIA GPUs (Triton) and, interpreted, on CPUs; this "
+                         f"backend is {backend!r}: use attention_impl='xla'")
     layout = _Layout.build(q_len, k_len, causal, block_sizes or DEFAULT_BLOCK_SIZES, interpret)
     padded_dim = max(16, _next_power_of_two(head_dim))
 

@@ -73,11 +73,13 @@ def array_shapes(compiled) -> set:
     return {tuple(int(d) for d in dims.split(",")) for dims in _HLO_SHAPE.findall(compiled.as_text())}
 
 
-def shapes_holding(shapes, dims) -> list:
-    """The shapes among `shapes` that contain all of `dims` (a multiset, in any order, other dims
-    allowed): e.g. dims (batch, heads, q, k) finds [b, h, q, k], [layers, b, h, q, k], [b, q, h, k]."""
-    want = collections.Counter(dims)
-    return sorted(s for s in shapes if not want - collections.Counter(s))
+def attention_sized_arrays(shapes, batch: int, heads: int, inputs_length: int, targets_length: int) -> list:
+    """The shapes among `shapes` that hold a (batch, heads, q, k) array of one of T5's attentions
+    (encoder self, decoder self, cross): those four dims in any order, other dims allowed (e.g. a
+    scanned layers axis), or batch and heads merged into one. batch and heads are per device."""
+    pairs = ((inputs_length, inputs_length), (targets_length, targets_length), (targets_length, inputs_length))
+    wanted = [collections.Counter(dims) for q, k in pairs for dims in ((batch, heads, q, k), (batch * heads, q, k))]
+    return sorted(s for s in shapes if any(not want - collections.Counter(s) for want in wanted))
 
 
 def compiled_state_memory(model: T5Config, mesh_shape: dict, rules_name: str, optimizer: str = "adafactor",
