@@ -1,7 +1,18 @@
 """Training throughput of the trainer's jitted step on synthetic packed batches; prints one JSON object.
 
-    python bench/train_throughput.py --model t5_1_1_base --batch_size 128 --attention_impl cudnn \
+    python bench/train_throughput.py --model t5_1_1_base --batch_size 128 --attention_impl pallas \
         --remat_policy dots_with_no_batch_dims_saveable --steps 20 --peer hf --peer_compile
+
+The knobs to measure on a GPU, each a flag: --attention_impl (xla | pallas: the packed-T5 fused
+kernel | cudnn), --remat_policy, --scan_layers, --batch_size, --xla_flags (the trainer's recommended
+flags from ul2lab.train.xla_flags, or none) and --pallas_block_sizes (the fused kernel's tiles).
+The JSON also says how many (batch, heads, q, k)-shaped arrays the compiled step holds
+("attention_sized_arrays"): 0 on the pallas path. --compile_only stops after compiling (no device
+memory is allocated, so it runs at full size on a CPU too) and reports that count and XLA's memory
+analysis of the step:
+
+    python bench/train_throughput.py --model t5_1_1_base --batch_size 128 --attention_impl pallas \
+        --scan_layers --compile_only
 
 What is timed is exactly what `ul2lab.train.loop.train` runs: the TrainState laid out by
 `trainer.state_layout`, the step from `train_step.build_train_step` with the trainer's shardings
@@ -18,6 +29,7 @@ torch bf16 autocast (when --dtype is bfloat16), fused AdamW on CUDA, and torch.c
 Imports only jax/flax/optax/orbax/numpy (torch and transformers only for --peer hf).
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -31,9 +43,10 @@ if any(a == "--peer" or a.startswith("--peer=") for a in sys.argv):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ul2lab.train import flops, memory, optimizers, partitioning  # noqa: E402
+from ul2lab.train import flops, memory, optimizers, partitioning, xla_flags  # noqa: E402
 from ul2lab.train import state as state_lib  # noqa: E402
-from ul2lab.models.config import PRESETS, preset  # noqa: E402
+from ul2lab.models import packed_attention  # noqa: E402
+from ul2lab.models.config import ATTENTION_IMPLS, PRESETS, preset  # noqa: E402
 
 
 def parse_mesh(text: str) -> dict:
@@ -49,8 +62,22 @@ def parse_mesh(text: str) -> dict:
 
 def model_config(args):
     overrides = {k: v for k, v in (("dtype", args.dtype), ("attention_impl", args.attention_impl),
-                                   ("remat_policy", args.remat_policy)) if v is not None}
+                                   ("remat_policy", args.remat_policy), ("scan_layers", args.scan_layers))
+                 if v is not None}
     return preset(args.model, **overrides)
+
+
+def parse_block_sizes(text: str) -> packed_attention.BlockSizes:
+    """'q,k,q_bwd,k_bwd[,num_warps[,num_stages]]' -> BlockSizes, e.g. '128,64,64,64'."""
+    fields = [f.name for f in dataclasses.fields(packed_attention.BlockSizes)]
+    try:
+        values = [int(v) for v in text.split(",")]
+        if not 4 <= len(values) <= len(fields):
+            raise ValueError(f"{len(values)} numbers")
+        return packed_attention.BlockSizes(**dict(zip(fields, values)))
+    except ValueError as error:
+        raise SystemExit(f"--pallas_block_sizes {text!r}: {error}; write q,k,q_bwd,k_bwd[,num_warps[,num_stages]]"
+                         " as powers of two, e.g. 128,64,64,64")
 
 
 def rules_for(mesh_shape: dict, rules_name) -> str:
@@ -99,6 +126,24 @@ def run_ours(args, model) -> dict:
     start = time.perf_counter()
     compiled = memory.compile_step(setup, abstract_batch)
     compile_s = time.perf_counter() - start
+    # per device: the batch splits over the data axes, heads over 'model'
+    local_batch = setup.batch_sharding.shard_shape((args.batch_size, args.inputs_length))[0]
+    attention_sized = memory.attention_sized_arrays(
+        memory.array_shapes(compiled), local_batch, model.num_heads // mesh.shape["model"], args.inputs_length,
+        args.targets_length)
+    compiled_facts = {
+        "mesh": dict(mesh.shape), "logical_axis_rules": rules_name, "optimizer": args.optimizer,
+        "dtype": model.dtype, "attention_impl": model.attention_impl, "remat_policy": model.remat_policy,
+        "scan_layers": model.scan_layers, "compile_s": round(compile_s, 3),
+        "attention_sized_arrays": len(attention_sized), "attention_sized_shapes": [list(s) for s in attention_sized[:4]],
+    }
+    analysis = memory.memory_analysis_dict(compiled)
+    compiled_peak = (analysis.get("argument_size_in_bytes", 0) + analysis.get("output_size_in_bytes", 0)
+                     - analysis.get("alias_size_in_bytes", 0) + analysis.get("temp_size_in_bytes", 0))
+    compiled_peak_source = "compiled.memory_analysis (per device: arguments + outputs - aliased + temp)"
+    if args.compile_only:
+        return {**compiled_facts, "peak_memory_bytes": compiled_peak, "memory_source": compiled_peak_source,
+                "memory_analysis": analysis}
     make_batch = jax.jit(synthetic_batch, static_argnums=(1, 2, 3, 4), out_shardings=batch_sharding)
     # a few distinct batches, already on the devices: the timed loop only launches steps
     batches = [make_batch(jax.random.PRNGKey(i), args.batch_size, args.inputs_length,
@@ -119,19 +164,14 @@ def run_ours(args, model) -> dict:
     step_time = statistics.median(times)
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    analysis = memory.memory_analysis_dict(compiled)
     if stats and "peak_bytes_in_use" in stats:
         peak_memory, memory_source = int(stats["peak_bytes_in_use"]), "device.memory_stats"
     else:
-        peak_memory = (analysis.get("argument_size_in_bytes", 0) + analysis.get("output_size_in_bytes", 0)
-                       - analysis.get("alias_size_in_bytes", 0) + analysis.get("temp_size_in_bytes", 0))
-        memory_source = "compiled.memory_analysis (per device: arguments + outputs - aliased + temp)"
+        peak_memory, memory_source = compiled_peak, compiled_peak_source
     step_flops = flops.train_flops_per_step(model, args.batch_size, args.inputs_length, args.targets_length)
     peak = flops.peak_flops_per_device(device.device_kind, override=args.peak_flops)
     return {
-        "mesh": dict(mesh.shape), "logical_axis_rules": rules_name, "optimizer": args.optimizer,
-        "dtype": model.dtype, "attention_impl": model.attention_impl, "remat_policy": model.remat_policy,
-        "compile_s": round(compile_s, 3),
+        **compiled_facts,
         "step_time_median_s": step_time, "step_time_mean_s": statistics.mean(times),
         "seq_per_s": args.batch_size / step_time,
         "tokens_per_s": args.batch_size * (args.inputs_length + args.targets_length) / step_time,
@@ -231,7 +271,15 @@ def main(argv=None):
     parser.add_argument("--warmup_steps", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--num_batches", type=int, default=2, help="distinct synthetic batches cycled")
     parser.add_argument("--optimizer", default="adafactor", choices=sorted(optimizers.OPTIMIZERS))
-    parser.add_argument("--attention_impl", choices=("xla", "cudnn"), default=None)
+    parser.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default=None,
+                        help="xla (reference) | pallas (packed-T5 fused kernel) | cudnn (default: the preset's)")
+    parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=None,
+                        help="scan over layers (default: the preset's)")
+    parser.add_argument("--pallas_block_sizes", default=None,
+                        help="tiles of the pallas kernel: q,k,q_bwd,k_bwd[,num_warps[,num_stages]]")
+    parser.add_argument("--xla_flags", choices=("recommended", "none"), default="recommended",
+                        help="the trainer's recommended XLA flags for this platform (ul2lab.train.xla_flags; "
+                             "flags already in the environment win), or none")
     parser.add_argument("--remat_policy", default=None,
                         help="none | full | a jax.checkpoint_policies name (default: the preset's)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -241,6 +289,9 @@ def main(argv=None):
     parser.add_argument("--peer", choices=("hf",), default=None, help="also run HF transformers T5")
     parser.add_argument("--peer_compile", action="store_true", help="torch.compile the HF model")
     parser.add_argument("--skip_ours", action="store_true", help="run only the peer")
+    parser.add_argument("--compile_only", action="store_true",
+                        help="compile our step from shapes and report its memory analysis and attention-sized "
+                             "arrays; run nothing (works on CPU at full size)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup_steps < 0 or args.num_batches < 1:
         parser.error("--steps and --num_batches must be >= 1 and --warmup_steps >= 0")
@@ -248,6 +299,9 @@ def main(argv=None):
         model = model_config(args)
     except ValueError as error:
         parser.error(str(error))
+    applied_flags = xla_flags.apply() if args.xla_flags == "recommended" else {}  # before JAX starts its backend
+    if args.pallas_block_sizes:
+        packed_attention.DEFAULT_BLOCK_SIZES = parse_block_sizes(args.pallas_block_sizes)
 
     device = jax.devices()[0]
     if model.attention_impl == "cudnn" and device.platform != "gpu":
@@ -255,6 +309,8 @@ def main(argv=None):
                      f"{device.platform}; use --attention_impl xla")
     result = {"device_kind": device.device_kind, "platform": device.platform,
               "num_devices": jax.device_count(), "jax": jax.__version__, "preset": args.model,
+              "xla_flags": args.xla_flags, "xla_flags_applied": applied_flags,
+              "pallas_block_sizes": dataclasses.asdict(packed_attention.DEFAULT_BLOCK_SIZES),
               "batch_size": args.batch_size, "inputs_length": args.inputs_length,
               "targets_length": args.targets_length, "steps": args.steps,
               "train_flops_per_step": flops.train_flops_per_step(model, args.batch_size, args.inputs_length,

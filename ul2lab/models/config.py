@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 # names the MLP understands (ul2lab.models.layers); gelu is the tanh approximation, as T5
 MLP_ACTIVATIONS = ("gelu", "silu", "swish", "relu", "linear")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,10 @@ class T5Config:
     decoder_norm_use_scale: bool = True
     layer_norm_epsilon: float = 1e-6
     dtype: str = "bfloat16"          # activation / compute dtype; params are always float32
-    attention_impl: str = "xla"      # "xla" everywhere; "cudnn" fused attention on NVIDIA GPUs
+    # "xla": the reference, everywhere. "pallas": the packed-T5 fused kernel (models/packed_attention:
+    # bias and segment mask built in-kernel; Triton on GPU, interpreted on CPU). "cudnn":
+    # jax.nn.dot_product_attention on NVIDIA GPUs, fed a (batch, heads, q, k) bias when rows are packed.
+    attention_impl: str = "xla"
     float32_attention_logits: bool = False
     remat_policy: str = "none"       # "none" | "full" | a jax.checkpoint_policies name
     scan_layers: bool = False
@@ -47,8 +51,8 @@ class T5Config:
         if self.num_encoder_layers < 1 or self.num_decoder_layers < 1:
             raise ValueError("T5Config needs at least one encoder and one decoder layer, got "
                              f"{self.num_encoder_layers} and {self.num_decoder_layers}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"T5Config.attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"T5Config.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
         unknown = [a for a in self.mlp_activations if a not in MLP_ACTIVATIONS]
         if not self.mlp_activations or unknown:

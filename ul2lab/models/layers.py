@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import struct
 from jax import lax
+
+from ul2lab.models import packed_attention
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -23,8 +26,8 @@ Initializer = Callable[..., jax.Array]
 FUSED_ATTENTION_BACKEND = "cudnn"
 
 # large negative logit for masked keys: a fully masked (padding) query row then
-# becomes a harmless uniform softmax instead of NaN
-_MASKED_LOGIT = -1e10
+# becomes a harmless uniform softmax instead of NaN (the fused kernel uses the same value)
+_MASKED_LOGIT = packed_attention.MASKED_LOGIT
 
 
 def _kernel_init(in_axis, out_axis, scale=1.0) -> Initializer:
@@ -117,29 +120,74 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 class RelativePositionBiases(nn.Module):
-    """One (heads, buckets) table per stack, shared by all its layers (t5x's `relpos_bias`)."""
+    """One (heads, buckets) table per stack, shared by all its layers (t5x's `relpos_bias`).
+
+    Positions are 0..len-1, as t5x: in a packed row each segment is contiguous, so
+    within-segment offsets equal those of its own positions, and cross-segment pairs
+    are masked anyway. So the bias depends on the offset key - query alone.
+    """
     num_buckets: int
     max_distance: int
     num_heads: int
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, qlen: int, klen: int, bidirectional: bool):
-        # Positions are 0..len-1, as t5x: in a packed row each segment is contiguous,
-        # so within-segment offsets equal those of its own positions, and
-        # cross-segment pairs are masked anyway. The bias stays (1, heads, q, k),
-        # the shape the fused cuDNN kernel takes.
-        relative = np.arange(klen, dtype=np.int32)[None, :] - np.arange(qlen, dtype=np.int32)[:, None]
-        buckets = relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
-        table = self.param(
+    def setup(self):
+        self.rel_embedding = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                                          ("heads", "relpos_buckets")),
             (self.num_heads, self.num_buckets), jnp.float32)
+
+    def _read(self, relative, bidirectional: bool):
+        buckets = relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
         # one-hot contraction rather than a gather: cheap, and shards over heads cleanly
         onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)
-        bias = jnp.einsum("hb,qkb->hqk", jnp.asarray(table, self.dtype), onehot)
-        return bias[None]  # (1, heads, q, k)
+        return jnp.einsum("hb,...b->h...", jnp.asarray(self.rel_embedding, self.dtype), onehot)
+
+    def __call__(self, qlen: int, klen: int, bidirectional: bool):
+        """The (1, heads, q, k) bias of the reference attention (and cuDNN's)."""
+        relative = np.arange(klen, dtype=np.int32)[None, :] - np.arange(qlen, dtype=np.int32)[:, None]
+        return self._read(relative, bidirectional)[None]
+
+    def offset_bias(self, qlen: int, klen: int, bidirectional: bool):
+        """(heads, q + k - 1): the bias of every offset key - query from -(q - 1) to k - 1, the form
+        the fused kernel takes (it builds each tile of the (q, k) bias from it)."""
+        return self._read(np.arange(-(qlen - 1), klen, dtype=np.int32), bidirectional)
+
+
+def offset_bias_to_dense(offset_bias, qlen: int, klen: int):
+    """(1, heads, q, k) bias from an (heads, q + k - 1) offset bias: what the reference path takes."""
+    index = np.arange(klen)[None, :] - np.arange(qlen)[:, None] + (qlen - 1)
+    return offset_bias[:, index][None]
+
+
+@struct.dataclass
+class SegmentMask:
+    """Who attends whom, as per-position ids instead of a dense (batch, 1, q, k) mask.
+
+    Query i attends key j iff query_ids[i] == key_ids[j] != 0 (and j <= i when causal): ids are
+    segment ids on real tokens and 0 on padding. The fused kernel reads this form; `dense()` is the
+    reference's mask.
+    """
+    query_ids: jax.Array  # [batch, q] int32
+    key_ids: jax.Array    # [batch, k] int32
+    causal: bool = struct.field(pytree_node=False, default=False)
+
+    def dense(self):
+        mask = (self.query_ids[:, :, None] == self.key_ids[:, None, :]) & (self.key_ids != 0)[:, None, :]
+        if self.causal:
+            mask = mask & jnp.tril(jnp.ones(mask.shape[1:], bool))
+        return mask[:, None]
+
+
+def segment_ids_for_mask(valid, segment_ids=None):
+    """SegmentMask ids: segment id + 1 on real tokens, 0 on padding.
+
+    The shift keeps the reference's meaning for any segment ids >= 0: seqio numbers segments from
+    1 and gives padding 0, but a real token whose segment id is 0 is still a real token there.
+    Unpacked rows (no segment ids) are one segment."""
+    ids = jnp.zeros(valid.shape, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return jnp.where(valid, ids + 1, 0)
 
 
 def dot_product_attention(query, key, value, mask, bias, *, dtype, float32_logits: bool,
@@ -166,7 +214,10 @@ def dot_product_attention(query, key, value, mask, bias, *, dtype, float32_logit
 
 
 def fused_attention(query, key, value, mask, bias, *, dtype):
-    """The same math through jax.nn.dot_product_attention (cuDNN flash attention on GPU)."""
+    """The same math through jax.nn.dot_product_attention (cuDNN flash attention on GPU).
+
+    With a mask and a bias it combines them into one (batch, heads, q, k) bias: see
+    `packed_attention` for the path that never builds it."""
     if bias is not None:
         bias = bias.astype(dtype)  # cuDNN wants the bias in the compute dtype
     return jax.nn.dot_product_attention(query.astype(dtype), key.astype(dtype), value.astype(dtype),
@@ -174,8 +225,36 @@ def fused_attention(query, key, value, mask, bias, *, dtype):
                                         implementation=FUSED_ATTENTION_BACKEND)
 
 
+def sharded_packed_attention(query, key, value, mask: SegmentMask, offset_bias, *, dtype):
+    """`packed_attention.packed_attention` in `dtype`, per device when a mesh is in context.
+
+    A Pallas kernel is opaque to XLA's SPMD partitioner, which would gather its operands whole
+    onto every device; under shard_map each device runs it on its own rows and heads, split as
+    the logical axis rules split the activations (the offset bias follows 'heads').
+    """
+    call = functools.partial(packed_attention.packed_attention, causal=mask.causal)
+    args = [x.astype(dtype) for x in (query, key, value)] + [mask.query_ids, mask.key_ids]
+    if offset_bias is not None:
+        args.append(offset_bias.astype(dtype))
+    run = lambda q, k, v, q_ids, k_ids, bias=None: call(q, k, v, bias, q_ids, k_ids)  # noqa: E731
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(*args)
+    act = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    ids = nn.logical_to_mesh_axes(("batch", "length"))
+    specs = (act, act, act, ids, ids) + ((nn.logical_to_mesh_axes(("heads", None)),) if offset_bias is not None
+                                         else ())
+    # the offset bias is replicated over the batch axes: shard_map sums its per-device gradients
+    return jax.shard_map(run, in_specs=specs, out_specs=act, check_vma=False)(*args)
+
+
 class MultiHeadDotProductAttention(nn.Module):
-    """t5x's attention: query/key/value kernels (embed, heads, kv), out kernel (heads, kv, embed)."""
+    """t5x's attention: query/key/value kernels (embed, heads, kv), out kernel (heads, kv, embed).
+
+    `mask` is a dense bool (batch, 1, q, k) mask with `bias` (1, heads, q, k) or None (the
+    reference and cuDNN paths), or a SegmentMask with `bias` an (heads, q + k - 1) offset bias
+    or None (attention_impl="pallas": the fused kernel; the reference path when dropout is on).
+    """
     num_heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
@@ -199,12 +278,21 @@ class MultiHeadDotProductAttention(nn.Module):
         key = nn.with_logical_constraint(key, act_axes)
         value = nn.with_logical_constraint(value, act_axes)
 
+        dropout_active = not deterministic and self.dropout_rate > 0.0
+        packed = isinstance(mask, SegmentMask)
+        if packed and decode:
+            raise ValueError("decode=True takes a dense mask (the key/value cache path), not a SegmentMask")
+        if packed and dropout_active:  # the kernel has no attention dropout: the reference path
+            if bias is not None:
+                bias = offset_bias_to_dense(bias, inputs_q.shape[-2], inputs_kv.shape[-2])
+            mask, packed = mask.dense(), False
         if decode:
             key, value, mask, bias = self._update_cache(query, key, value, mask, bias)
 
-        dropout_active = not deterministic and self.dropout_rate > 0.0
+        if packed:
+            x = sharded_packed_attention(query, key, value, mask, bias, dtype=self.dtype)
         # cuDNN's kernel has no attention dropout and wants full-length queries
-        if self.attention_impl == "cudnn" and not dropout_active and not decode:
+        elif self.attention_impl == "cudnn" and not dropout_active and not decode:
             x = fused_attention(query, key, value, mask, bias, dtype=self.dtype)
         else:
             rng = self.make_rng("dropout") if dropout_active else None

@@ -11,7 +11,8 @@ from flax import linen as nn
 
 from ul2lab.models.config import T5Config
 from ul2lab.models.layers import (DenseGeneral, Embed, LayerNorm, MlpBlock, MultiHeadDotProductAttention,
-                                  RelativePositionBiases, combine_masks, make_attention_mask)
+                                  RelativePositionBiases, SegmentMask, combine_masks, make_attention_mask,
+                                  segment_ids_for_mask)
 
 _EMBED_AXES = ("batch", "length", "embed")
 
@@ -104,10 +105,15 @@ def _swap_batch_and_layers(cache):
     return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1) if x.ndim > 1 else x, cache)
 
 
-def _relpos_bias(cfg: T5Config):
-    return RelativePositionBiases(num_buckets=cfg.relative_attention_num_buckets,
-                                  max_distance=cfg.relative_attention_max_distance,
-                                  num_heads=cfg.num_heads, dtype=cfg.compute_dtype, name="relpos_bias")
+def _relpos_bias(cfg: T5Config, mask, length: int, bidirectional: bool):
+    """The stack's bias for its self-attention: dense (1, heads, q, k) for a dense mask, the
+    (heads, 2 * length - 1) offset bias the fused kernel expands in-kernel for a SegmentMask."""
+    relpos = RelativePositionBiases(num_buckets=cfg.relative_attention_num_buckets,
+                                    max_distance=cfg.relative_attention_max_distance,
+                                    num_heads=cfg.num_heads, dtype=cfg.compute_dtype, name="relpos_bias")
+    if isinstance(mask, SegmentMask):
+        return relpos.offset_bias(length, length, bidirectional)
+    return relpos(length, length, bidirectional)
 
 
 class Encoder(nn.Module):
@@ -122,7 +128,7 @@ class Encoder(nn.Module):
         x = _dropout(cfg)(x, deterministic=deterministic).astype(cfg.compute_dtype)
         x = nn.with_logical_constraint(x, _EMBED_AXES)
         length = encoder_input_tokens.shape[-1]
-        bias = _relpos_bias(cfg)(length, length, bidirectional=True)
+        bias = _relpos_bias(cfg, encoder_mask, length, bidirectional=True)
         if cfg.scan_layers:
             x, _ = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, 2)(
                 cfg, deterministic=deterministic, scanned=True, name="layers")(x, encoder_mask, bias)
@@ -150,7 +156,7 @@ class Decoder(nn.Module):
         length = max_decode_length if decode else decoder_input_tokens.shape[-1]
         if decode and not max_decode_length:
             raise ValueError("decode=True needs max_decode_length (the length of the key/value cache)")
-        bias = _relpos_bias(cfg)(length, length, bidirectional=False)
+        bias = _relpos_bias(cfg, decoder_mask, length, bidirectional=False)
         if cfg.scan_layers:
             stack = _layer_stack(DecoderLayer, cfg, cfg.num_decoder_layers, 4)
             if decode:
@@ -180,9 +186,15 @@ class Transformer(nn.Module):
     """T5 encoder-decoder; `__call__`, `encode` and `decode` take t5x's arguments.
 
     Token id 0 is padding. Packed rows pass segment ids (1, 2, ... per example,
-    0 for padding); attention never crosses segments.
+    0 for padding); attention never crosses segments. With attention_impl="pallas" the masks
+    are SegmentMasks (ids per position) for the fused kernel, except while decoding with the
+    key/value cache, which always takes the reference path.
     """
     config: T5Config
+
+    @property
+    def _segment_masks(self) -> bool:
+        return self.config.attention_impl == "pallas"
 
     def setup(self):
         cfg = self.config
@@ -192,6 +204,10 @@ class Transformer(nn.Module):
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout: bool = False):
         valid = encoder_input_tokens > 0
+        if self._segment_masks:
+            ids = segment_ids_for_mask(valid, encoder_segment_ids)
+            return self.encoder(encoder_input_tokens, SegmentMask(ids, ids),
+                                enable_dropout=enable_dropout)
         mask = make_attention_mask(valid, valid)
         if encoder_segment_ids is not None:
             mask = combine_masks(mask, make_attention_mask(encoder_segment_ids, encoder_segment_ids,
@@ -203,6 +219,14 @@ class Transformer(nn.Module):
                enable_dropout: bool = False, decode: bool = False, max_decode_length=None):
         del decoder_positions  # relative biases come from in-row offsets (see RelativePositionBiases)
         encoder_valid = encoder_input_tokens > 0
+        if self._segment_masks and not decode:
+            if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+                raise ValueError("pass both encoder_segment_ids and decoder_segment_ids (packed "
+                                 "examples) or neither")
+            target_ids = segment_ids_for_mask(decoder_target_tokens > 0, decoder_segment_ids)
+            return self.decoder(encoded, decoder_input_tokens, SegmentMask(target_ids, target_ids, causal=True),
+                                SegmentMask(target_ids, segment_ids_for_mask(encoder_valid, encoder_segment_ids)),
+                                enable_dropout=enable_dropout)
         if decode:
             # one query per step; the causal/prefix mask comes from the cache index
             decoder_mask = None

@@ -6,6 +6,8 @@ The executable's argument bytes on one device, less that device's share of the b
 TrainState (params, optimizer state, step, rng) the device holds: compare a sharded layout (FSDP)
 with a replicated one. bench/fsdp_memory.py and bench/train_throughput.py report these figures.
 """
+import collections
+import re
 from typing import Optional, Tuple
 
 import jax
@@ -20,6 +22,7 @@ from ul2lab.train import state as state_lib
 BATCH_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
                   "decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
                   "decoder_positions", "decoder_loss_weights")
+_HLO_SHAPE = re.compile(r"\b(?:pred|[subf]\d+|bf16|f8e\w+)\[(\d+(?:,\d+)*)\]")
 
 
 def abstract_train_step(model: T5Config, optimizer_name: str, batch_size: int, inputs_length: int,
@@ -62,6 +65,21 @@ def memory_analysis_dict(compiled) -> dict:
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
               "temp_size_in_bytes", "generated_code_size_in_bytes")
     return {f: int(getattr(analysis, f)) for f in fields if hasattr(analysis, f)}
+
+
+def array_shapes(compiled) -> set:
+    """Every array shape (tuple of dims) in a compiled executable's optimized HLO: operands, results
+    and fusion internals, i.e. every buffer XLA might assign, whatever its dtype or layout."""
+    return {tuple(int(d) for d in dims.split(",")) for dims in _HLO_SHAPE.findall(compiled.as_text())}
+
+
+def attention_sized_arrays(shapes, batch: int, heads: int, inputs_length: int, targets_length: int) -> list:
+    """The shapes among `shapes` that hold a (batch, heads, q, k) array of one of T5's attentions
+    (encoder self, decoder self, cross): those four dims in any order, other dims allowed (e.g. a
+    scanned layers axis), or batch and heads merged into one. batch and heads are per device."""
+    pairs = ((inputs_length, inputs_length), (targets_length, targets_length), (targets_length, inputs_length))
+    wanted = [collections.Counter(dims) for q, k in pairs for dims in ((batch, heads, q, k), (batch * heads, q, k))]
+    return sorted(s for s in shapes if any(not want - collections.Counter(s) for want in wanted))
 
 
 def compiled_state_memory(model: T5Config, mesh_shape: dict, rules_name: str, optimizer: str = "adafactor",
