@@ -8,11 +8,11 @@ import argparse
 import os
 import sys
 
-from ul2lab.cli import hf, infer, train, vocab
+from ul2lab.cli import cache, hf, infer, train, vocab
 from ul2lab.errors import UserError
 
 # in the order `ul2lab --help` lists them
-SUBCOMMAND_MODULES = (train, hf, vocab, infer)
+SUBCOMMAND_MODULES = (train, cache, hf, vocab, infer)
 
 
 def build_parser() -> argparse.ArgumentParser:
