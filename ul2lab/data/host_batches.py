@@ -18,6 +18,7 @@ is refused with a ValueError naming both, and the loop replays instead.
 import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 from typing import Any, Mapping, Optional
@@ -56,7 +57,7 @@ class HostBatches:
             try:
                 tf.train.Checkpoint(iterator=self._iterator).write(os.path.join(tmp, _PREFIX))
             except (tf.errors.UnimplementedError, tf.errors.FailedPreconditionError) as e:
-                self.unsaveable = _first_line(e.message)
+                self.unsaveable = _why_unsaveable(e.message)
                 return None
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
@@ -88,6 +89,14 @@ class HostBatches:
                 raise ValueError(f"the saved data position does not fit this pipeline "
                                  f"({_first_line(message)})") from None
         self._iterator = iterator
+
+
+def _why_unsaveable(message: str) -> str:
+    message = _first_line(re.sub(r"\{\{function_node [^}]*\}\}", "", message).replace("[Op:SerializeIterator]", ""))
+    if "Generator" in message or "PyFunc is stateful" in message:
+        return ("a source of the pipeline is a Python generator (tf.data.Dataset.from_generator), which "
+                f"TensorFlow cannot checkpoint: {message}")
+    return f"TensorFlow cannot checkpoint this pipeline: {message}"
 
 
 def _first_line(text: str) -> str:
