@@ -34,8 +34,9 @@ HF = [
 ]
 # `ul2lab cache`: seqio's Apache Beam cache job (DirectRunner here; Dataflow, Flink or Spark on a cluster).
 # Every Beam release (2.77.0 is the newest) declares protobuf<7, but sentencepiece 0.2.3's generated code
-# needs the protobuf 7 runtime: after this extra, reinstall protobuf==7.36.2 with --no-deps (.ci/run does);
-# Beam's DirectRunner cache job runs with it (tests/test_task_cache.py). [tfrecord] brings crcmod.
+# needs the protobuf 7 runtime: after this extra, reinstall protobuf==7.36.2 with --no-deps. CI (and a dev
+# env that must keep its pins) installs tests/requirements-beam.txt with --no-deps instead: the same Beam,
+# with protobuf 7, pyarrow 26, pillow 13 kept (tests/test_task_cache.py runs so). [tfrecord] brings crcmod.
 BEAM = ["apache-beam[tfrecord]==2.77.0"]
 TEST = ["pytest==9.0.3", "ruff==0.17.6", "import-linter==2.17"] + HF
 
