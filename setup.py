@@ -32,6 +32,12 @@ HF = [
     "transformers==5.24.0",
     "safetensors==0.8.0",
 ]
+# `ul2lab cache`: seqio's Apache Beam cache job (DirectRunner here; Dataflow, Flink or Spark on a cluster).
+# Every Beam release (2.77.0 is the newest) declares protobuf<7, but sentencepiece 0.2.3's generated code
+# needs the protobuf 7 runtime: after this extra, reinstall protobuf==7.36.2 with --no-deps. CI (and a dev
+# env that must keep its pins) installs tests/requirements-beam.txt with --no-deps instead: the same Beam,
+# with protobuf 7, pyarrow 26, pillow 13 kept (tests/test_task_cache.py runs so). [tfrecord] brings crcmod.
+BEAM = ["apache-beam[tfrecord]==2.77.0"]
 TEST = ["pytest==9.0.3", "ruff==0.17.6", "import-linter==2.17"] + HF
 
 setup(
@@ -42,6 +48,6 @@ setup(
     packages=find_packages(include=["ul2lab", "ul2lab.*"]) + ["ul2lab_tasks"],
     package_dir={"ul2lab_tasks": "tasks"},
     install_requires=CORE + DATA,
-    extras_require={"hf": HF, "test": TEST},
+    extras_require={"hf": HF, "test": TEST, "beam": BEAM},
     entry_points={"console_scripts": ["ul2lab=ul2lab.cli.main:main"]},
 )

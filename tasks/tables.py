@@ -50,6 +50,7 @@ import tensorflow as tf
 from ul2lab.data import linearize as lin
 from ul2lab.data import metrics
 from ul2lab.data import objectives
+from ul2lab.data import table_files
 from ul2lab.data import table_objectives
 from ul2lab.data import tables
 from ul2lab.data import vocab as vocab_lib
@@ -87,14 +88,14 @@ def _dataset_from(generator_fn: Callable[[], Iterator[dict]], signature: dict) -
     return tf.data.Dataset.from_generator(generator_fn, output_signature=signature)
 
 
-_TABLE_SIGNATURE = {"table": tf.TensorSpec([], tf.string), "source": tf.TensorSpec([], tf.string)}
-
 
 def table_corpus_source(tables_fn: Callable[[], Iterable[tables.Table]],
                         validation_every: int = text_tasks.VALIDATION_EVERY
                         ) -> seqio.FunctionDataSource:
-    """A data source of {"table": JSON, "source"} from `tables_fn`; every `validation_every`-th
-    table forms the "validation" split, the rest "train"."""
+    """A data source of {"table": JSON, "source"} from `tables_fn`, read once and held in memory (the
+    embedded corpus: 2,264 tables); every `validation_every`-th table forms the "validation" split,
+    the rest "train". Tensors, not a generator, so the pipeline's position can be checkpointed.
+    Table files on disk are streamed instead: ul2lab.data.table_files.TableFilesSource."""
 
     @functools.lru_cache(maxsize=1)
     def all_tables() -> tuple[str, ...]:
@@ -105,12 +106,9 @@ def table_corpus_source(tables_fn: Callable[[], Iterable[tables.Table]],
                  if (i % validation_every == validation_every - 1) == (split == "validation")]
         if shuffle_files:
             random.Random(seed).shuffle(items)
-
-        def generate():
-            for item in items:
-                yield {"table": item, "source": json.loads(item)["id"]}
-
-        return _dataset_from(generate, _TABLE_SIGNATURE)
+        return tf.data.Dataset.from_tensor_slices(
+            {"table": tf.constant(items, tf.string, shape=[len(items)]),
+             "source": tf.constant([json.loads(item)["id"] for item in items], tf.string, shape=[len(items)])})
 
     return seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"))
 
@@ -166,16 +164,19 @@ def _keep_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
 @gin.configurable(module="ul2lab")
 def register_table_corpus_task(name: str = gin.REQUIRED, directory: str = gin.REQUIRED,
                                vocabulary: Optional[seqio.Vocabulary] = None,
-                               patterns: Sequence[str] = ("**/*.csv", "**/*.tsv", "**/*.jsonl")
-                               ) -> str:
+                               patterns: Sequence[str] = table_files.PATTERNS) -> str:
     """Registers `{name}_mask`, `{name}_mod` and the mixture `{name}_ul2` (returned) over the table
-    files under `directory`, e.g. in a run file:
+    files under `directory` (or matching it, a glob), e.g. in a run file:
       ul2lab.register_table_corpus_task.name = "wikitq_tables"
       ul2lab.register_table_corpus_task.directory = "/data/wikitq/csv"
       train/DatasetConfig.mixture_or_task_name = @ul2lab.register_table_corpus_task()
-    Unreadable files are skipped, logged and counted in SKIPPED["skipped_files"]. WikiTQ's full
+    CSV / TSV (a table per file), JSONL (a table per line), Parquet (a table per row of a `rows`
+    column, else a table per file) are streamed from disk, a few files or chunks at a time
+    (ul2lab.data.table_files), and each host reads its own share of them. Unreadable files and lines
+    are skipped, logged and counted in SKIPPED["skipped_files"] / ["skipped_lines"]. WikiTQ's full
     release keeps each table as .csv, .tsv and .table: pass patterns=("**/*.csv",) there."""
-    source = table_corpus_source(lambda: tables.iter_tables(directory, patterns, stats=SKIPPED))
+    source = table_files.TableFilesSource(directory, patterns, stats=SKIPPED)
+    source.units()  # list the files now: a path with no table file fails here, not in the data pipeline
     register_table_pretraining_tasks(name, source, vocabulary or vocab_lib.embedded_vocabulary())
     return f"{name}_ul2"
 

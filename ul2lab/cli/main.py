@@ -8,13 +8,13 @@ import argparse
 import os
 import sys
 
-from ul2lab.cli import hf, infer, t5x, train, vocab
+from ul2lab.cli import cache, hf, infer, t5x, train, vocab
 from ul2lab.errors import UserError
 
 # in the order `ul2lab --help` lists them
-SUBCOMMAND_MODULES = (train, hf, t5x, vocab, infer)
+SUBCOMMAND_MODULES = (train, cache, hf, t5x, vocab, infer)
 # commands that run the seqio data pipeline, so import TensorFlow anyway
-DATA_PIPELINE_COMMANDS = ("train", "anneal", "demo", "eval", "infer")
+DATA_PIPELINE_COMMANDS = ("train", "anneal", "demo", "eval", "infer", "cache")
 
 
 def import_tensorflow_quietly() -> None:

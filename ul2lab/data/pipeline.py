@@ -4,16 +4,19 @@
     -> host batch (numpy, this host's share of the global batch)
 
 `check_task` runs before any work (a name that is not registered, a vocabulary larger than the
-model's); `seqio_batches` is deterministic for a seed, so a resumed run that skips the batches it
-already drew sees exactly the batches an uninterrupted run would have.
+model's); `seqio_batches` is deterministic for a seed and returns a `HostBatches`, whose position the
+trainer saves per host in each checkpoint and restores on resume (ul2lab.data.host_batches), so a
+resumed run sees exactly the batches an uninterrupted run would have, without replaying them.
 """
 import difflib
 import logging
-from typing import Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import seqio
 import tensorflow as tf
+
+from ul2lab.data.host_batches import HostBatches
 
 
 class _DropSeqioUncachedWarning(logging.Filter):
@@ -49,25 +52,47 @@ def check_task(name: str, model_vocab_size: int) -> Optional[str]:
     return getattr(vocabulary, "sentencepiece_model_file", None)
 
 
-def seqio_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
-                  skip: int = 0, *, seed: int = 0, pack: bool = True, split: str = "train") -> Iterator[dict]:
-    """Deterministic host batches (this host's share of `batch_size` global rows), the first `skip`
-    left out; every host reads its own shard of the data."""
+def host_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], *, seed: int = 0,
+                 pack: bool = True, split: str = "train", shuffle: bool = True, num_epochs: Optional[int] = None,
+                 use_cached: bool = False) -> tf.data.Dataset:
+    """This host's examples (after the feature converter) of a task or mixture: seqio reads the shard
+    `ShardInfo(jax.process_index(), jax.process_count())`, by files when the source (or the cache)
+    has at least as many files as hosts, else every N-th example; the hosts' shards are disjoint."""
     dataset = seqio.get_dataset(
         mixture_or_task_name, dict(task_feature_lengths),
         feature_converter=seqio.EncDecFeatureConverter(pack=pack),
-        dataset_split=split, shuffle=True, num_epochs=None, seed=seed, use_cached=False,
+        dataset_split=split, shuffle=shuffle, num_epochs=num_epochs, seed=seed, use_cached=use_cached,
         shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()), verbose=False)
-    dataset = dataset.batch(batch_size // jax.process_count(), drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
-    dataset = dataset.with_options(options).skip(skip).prefetch(2)
-    return dataset.as_numpy_iterator()
+    # the position is saved with the iterator; what is not saved is external state, and the only
+    # such ops in ul2lab's pipelines are counters of skipped text (a tf.py_function that bumps a
+    # Python counter): a resumed run's counters start from zero, its examples do not change
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    return dataset.with_options(options)
+
+
+def seqio_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
+                  skip: int = 0, *, seed: int = 0, pack: bool = True, split: str = "train",
+                  use_cached: bool = False) -> HostBatches:
+    """Deterministic host batches (this host's `batch_size // jax.process_count()` rows of each global
+    batch), the first `skip` left out (a replay: resumed runs restore the saved position instead);
+    every host reads its own shard of the data."""
+    rows = batch_size // jax.process_count()
+    dataset = host_dataset(mixture_or_task_name, task_feature_lengths, seed=seed, pack=pack, split=split,
+                           use_cached=use_cached)
+    dataset = dataset.batch(rows, drop_remainder=True).skip(skip).prefetch(2)
+    description = {"mixture_or_task_name": mixture_or_task_name, "task_feature_lengths": dict(task_feature_lengths),
+                   "host_rows": rows, "seed": seed, "pack": pack, "split": split, "use_cached": use_cached,
+                   "shard": [jax.process_index(), jax.process_count()]}
+    return HostBatches(dataset, description)
 
 
 def train_batches(config):
-    """batches(skip) of a TrainConfig's mixture, lengths, batch size, seed and packing."""
-    def batches(skip: int) -> Iterator[dict]:
+    """batches(skip) of a TrainConfig's mixture, lengths, batch size, seed, packing and cache use."""
+    use_cached = bool(config.use_cached_tasks)
+
+    def batches(skip: int) -> HostBatches:
         return seqio_batches(config.mixture_or_task_name, config.task_feature_lengths, config.batch_size, skip,
-                             seed=config.seed, pack=config.pack)
+                             seed=config.seed, pack=config.pack, use_cached=use_cached)
     return batches

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import seqio
 
-from ul2lab.data import pipeline, skips
+from ul2lab.data import pipeline, skips, task_cache
 from ul2lab.errors import UserError
 from ul2lab.interop import convert
 from ul2lab.models import decoding
@@ -75,9 +75,12 @@ def check(config: TrainConfig) -> Optional[str]:
     train_config.check(config)
     task_modules.import_task_modules()
     try:
-        return pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
+        vocab_path = pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if config.use_cached_tasks:  # USE_CACHED_TASKS: every cache there, of this version and vocabulary
+        task_cache.check_cached(config.mixture_or_task_name, config.seqio_cache_dirs)
+    return vocab_path
 
 
 _INFINITE_SCHEDULE = re.compile(r"^TrainConfig\.learning_rate = @(?:[\w.]*\.)?infinite_schedule\(\)", re.M)

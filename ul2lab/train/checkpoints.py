@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from ul2lab.errors import UserError
 from ul2lab.files import atomic_write_json
 from ul2lab.models.config import T5Config
+from ul2lab.train import data_position as data_position_lib
 
 CONFIG_FILE = "config.json"
 
@@ -263,11 +264,24 @@ class RunCheckpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def save(self, step: int, params: Any, opt_state: Any, run: dict):
-        """Start writing step `step` (returns before it is on disk when async; see wait)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            run=ocp.args.JsonSave(run)), force=True)
+    def save(self, step: int, params: Any, opt_state: Any, run: dict, *, data_position: Any = None):
+        """Start writing step `step` (returns before it is on disk when async; see wait).
+
+        `data_position`: None (not saved), or data_position.HostBytesSave(this host's position bytes),
+        the same kind of value on every host."""
+        items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                     run=ocp.args.JsonSave(run))
+        if data_position is not None:
+            items[data_position_lib.ITEM] = data_position
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore_data_position(self, step: int) -> Optional[bytes]:
+        """This host's saved data position at `step`, or None (none saved, or by another host count)."""
+        if not data_position_lib.has_item(self.directory, step):
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            **{data_position_lib.ITEM: data_position_lib.HostBytesRestore()}))
+        return restored[data_position_lib.ITEM]
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Tuple[Any, Any, dict]:
         """(params, opt_state, run dict) of `step`, laid out as the abstract trees' shardings say."""

@@ -7,7 +7,7 @@ or written, so bad input never costs a compile or touches MODEL_DIR.
 import dataclasses
 import os
 import signal
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +33,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss_normalizing_factor: Any = "NUM_REAL_TARGET_TOKENS"
     pack: bool = True
+    use_cached_tasks: bool = False              # read the tasks from `ul2lab cache` output (gin USE_CACHED_TASKS)
+    seqio_cache_dirs: Sequence[str] = ()        # where those caches are (seqio.add_global_cache_dirs)
     seed: int = 0                               # parameter init, dropout and data order
     checkpoint_period: int = 1000
     keep_checkpoints: Optional[int] = 3         # keep the last N ...

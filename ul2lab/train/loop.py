@@ -3,9 +3,10 @@
 `train(TrainConfig(...), batches)` is the whole run; the settings and their checks are in
 ul2lab.train.config, the state's layout and origin in ul2lab.train.state.
 
-Exact resumption: the batches come from a deterministic pipeline, and the checkpoint records how
-many were drawn from which mixture; a resumed run asks for the batches after those, so it sees the
-same batches and reproduces the uninterrupted run's losses.
+Exact resumption: the batches come from a deterministic pipeline; the checkpoint records how many
+were drawn from which mixture and, per host, the pipeline's position (ul2lab.train.data_position),
+so a resumed run continues with the next batch in constant time (or, for batches that cannot save
+a position, replays the ones drawn) and reproduces the uninterrupted run's losses.
 
 Reliability: SIGTERM (preemption) saves the current step and `train` returns with
 result["preempted"] (the CLI then exits PREEMPTED_EXIT_CODE, for the scheduler to requeue); an
@@ -21,7 +22,7 @@ from typing import Callable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-from ul2lab.train import checkpoints, flops, partitioning, run_logging, schedules
+from ul2lab.train import checkpoints, data_position, flops, partitioning, run_logging, schedules
 from ul2lab.train import state as state_lib
 from ul2lab.train.config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, TrainingStopped, check
 
@@ -40,11 +41,8 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
     mesh, rules = check(config)
     # the data pipeline is built before anything is written, so a task that cannot produce these
     # feature lengths fails here with MODEL_DIR untouched
-    previous = checkpoints.latest_run_record(config.model_dir)
-    same_data = previous is not None and previous.get("mixture_or_task_name") == config.mixture_or_task_name
-    data_batches = previous.get("data_batches", 0) if same_data else 0
     try:
-        data = batches(data_batches)
+        data = batches(0)  # a resumed run moves it to the saved position below (data_position.resume)
     except ValueError as e:
         raise ConfigError(f"the data pipeline of {config.mixture_or_task_name!r} cannot be built with "
                           f"TASK_FEATURE_LENGTHS {dict(config.task_feature_lengths)}: {e}") from e
@@ -67,8 +65,10 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
     if restored_run is not None:  # the step restored may be older than the latest (unreadable) one
         restored_batches = (restored_run.get("data_batches", 0)
                             if restored_run.get("mixture_or_task_name") == config.mixture_or_task_name else 0)
-        if restored_batches != data_batches:
-            data_batches, data = restored_batches, batches(restored_batches)
+        position = ckpt.restore_data_position(restored_run["step"]) if restored_batches else None
+        data_batches, data = restored_batches, data_position.resume(batches, data, restored_batches, position)
+    else:
+        data_batches = 0
     checkpoints.write_config(config.model_dir, config.model, vocab_path,
                              mixture_or_task_name=config.mixture_or_task_name,
                              task_feature_lengths=dict(config.task_feature_lengths))
@@ -118,7 +118,8 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
                     if streak >= config.max_consecutive_nonfinite:
                         stopped = nonfinite_message(config, done, streak)
                 if done % config.checkpoint_period == 0 or done == config.train_steps or stop.requested or stopped:
-                    save(ckpt, done, state, state_lib.run_record(state, config, data_batches), saved_step)
+                    save(ckpt, done, state, state_lib.run_record(state, config, data_batches), saved_step,
+                         host_position(data))
                     saved_step = done
                 if stopped:
                     break
@@ -148,11 +149,24 @@ def nonfinite_message(config: TrainConfig, step: int, streak: int) -> str:
             "near that step, lower the learning rate, or rerun the same command to continue past it")
 
 
-def save(ckpt, step: int, state, run: dict, previous: Optional[int]):
-    """Start saving `step`; a write that fails (disk full, read-only MODEL_DIR) stops the run with a
-    plain error, leaving the in-memory state and the previous checkpoint as they were."""
+def host_position(data):
+    """The orbax item of this host's data position (None when the batches cannot save positions);
+    a pipeline that turns out not to be checkpointable is reported once."""
+    if not data_position.saves_positions(data):
+        return None
+    position = data.save_position()
+    if position is None and not getattr(data, "_ul2lab_warned", False):
+        data_position.warn_unsaveable(data)
+        data._ul2lab_warned = True
+    return data_position.HostBytesSave(position)
+
+
+def save(ckpt, step: int, state, run: dict, previous: Optional[int], position=None):
+    """Start saving `step` (with this host's data position, if any); a write that fails (disk full,
+    read-only MODEL_DIR) stops the run with a plain error, leaving the in-memory state and the
+    previous checkpoint as they were."""
     try:
-        ckpt.save(step, state.params, state.opt_state, run)
+        ckpt.save(step, state.params, state.opt_state, run, data_position=position)
     except Exception as e:  # noqa: BLE001  orbax wraps OS errors of its writer threads
         raise _write_error(ckpt.directory, step, previous, e) from e
 
