@@ -162,10 +162,10 @@ def register_table_corpus_task(name: str = gin.REQUIRED, directory: str = gin.RE
                                patterns: Sequence[str] = ("**/*.csv", "**/*.tsv", "**/*.jsonl")
                                ) -> str:
     """Registers `{name}_mask`, `{name}_mod` and the mixture `{name}_ul2` (returned) over the table
-    files under `directory`, e.g. in a run file:
-      ul2lab.register_table_corpus_task.name = "wikitq_tables"
-      ul2lab.register_table_corpus_task.directory = "/data/wikitq/csv"
-      train/DatasetConfig.mixture_or_task_name = @ul2lab.register_table_corpus_task()
+    files under `directory`. Call it in a task module of yours, e.g. my_tasks.py on PYTHONPATH:
+      from ul2lab_tasks.tables import register_table_corpus_task
+      register_table_corpus_task("wikitq_tables", "/data/wikitq/csv")
+    and train with --gin.MIXTURE_OR_TASK_MODULE=my_tasks --gin.MIXTURE_OR_TASK_NAME=wikitq_tables_ul2.
     Unreadable files are skipped, logged and counted in SKIPPED["skipped_files"]. WikiTQ's full
     release keeps each table as .csv, .tsv and .table: pass patterns=("**/*.csv",) there."""
     source = table_corpus_source(lambda: tables.iter_tables(directory, patterns, stats=SKIPPED))

@@ -111,7 +111,7 @@ def test_anneal_branches_into_a_new_directory_and_leaves_the_main_run_alone(stra
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--gin.TrainConfig.train_step=5"], "TrainConfig has no parameter 'train_step'; did you mean train_steps?"),
+    (["--gin.TrainConfig.train_step=5"], "TrainConfig has no parameter 'train_step'; did you mean train_steps"),
     (["--gin.TrainConfg.batch_size=8"], "unknown name 'TrainConfg'; did you mean TrainConfig"),
     (["--gin.preset.emb_dimm=32"], "T5Config has no field 'emb_dimm'; did you mean emb_dim"),
     (["--gin.TRAIN_STEP=5"], "macro TRAIN_STEP is not used by any gin file; did you mean TRAIN_STEPS"),

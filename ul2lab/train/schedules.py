@@ -12,12 +12,12 @@ Continual pretraining with the infinite schedule
 The schedule is a pure function of the optimizer step, so what a run sees depends on where its
 step counter starts:
 
-* Resuming a run, or continuing from a checkpoint whose step counter is restored (the trainer
-  restores `step` with the optimizer state): the step is already past `warmup_steps +
+* Resuming a run, or starting one from INITIAL_CHECKPOINT_PATH (the step continues from that
+  checkpoint's, as in t5x): an infinite-schedule run's step is already past `warmup_steps +
   cooldown_steps`, so the learning rate is the constant with no re-warming. Nothing to do.
-* Starting a new run from params only (INITIAL_CHECKPOINT_PATH; the step counter restarts at 0):
-  pass `start_step=` the previous run's step (or any step in the constant phase). The schedule is
-  then evaluated at `step + start_step`, so step 0 of the new run is already in the constant phase.
+* `start_step` shifts the schedule: it is evaluated at `step + start_step`. To re-warm parameters
+  whose checkpoint is at step S (trained with another schedule), pass `start_step=-S`: the new run's
+  first step S is then the schedule's step 0. Parameters at step 0 (`ul2lab import-hf`) need nothing.
 * `ul2lab anneal` from a constant-phase checkpoint at step s: check `schedule.in_constant_phase(s)`,
   then train the branch with `schedule.branch_anneal(s)` (the same schedule with anneal_start=s),
   so the branch decays from the constant starting at the checkpoint's own step.
@@ -136,7 +136,8 @@ class InfiniteSchedule:
         _check_positive("constant_value", self.constant_value)
         _check_steps("warmup_steps", self.warmup_steps)
         _check_steps("cooldown_steps", self.cooldown_steps)
-        _check_steps("start_step", self.start_step)
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool):  # negative: re-warm
+            raise ValueError(f"learning-rate schedule: start_step must be a whole number, got {self.start_step!r}")
         if self.cooldown not in COOLDOWNS:
             raise ValueError(f"infinite schedule: cooldown must be one of {COOLDOWNS}, got {self.cooldown!r}")
         if self.constant_value > self.peak_value:
@@ -224,7 +225,7 @@ def infinite_schedule(peak_value: float, warmup_steps: int, cooldown_steps: int,
     """The infinite schedule (see `InfiniteSchedule` for its phases and the module docstring for
     continual pretraining). anneal_start=None keeps the constant forever (the main run); the
     anneal is then branched off a checkpoint with `.branch_anneal(step, anneal_steps, end_value)`.
-    start_step offsets the step counter (a params-only continuation whose step restarts at 0).
+    start_step shifts the step counter: -S re-warms parameters whose checkpoint is at step S.
     """
     return InfiniteSchedule(peak_value, warmup_steps, cooldown_steps, constant_value, anneal_start,
                             anneal_steps, end_value, cooldown, start_step)
