@@ -39,6 +39,16 @@ def check_task(name: str, model_vocab_size: int) -> Optional[str]:
     return getattr(vocabulary, "sentencepiece_model_file", None)
 
 
+def check_cached(name: str):
+    """USE_CACHED_TASKS: every task of `name` that seqio can cache must have a cache (a ValueError
+    naming the first that has none); seqio reads the others on the fly, as in t5x."""
+    for task in seqio.get_subtasks(get_mixture_or_task(name)):
+        if task.supports_caching and task.cache_dir is None:
+            raise ValueError(f"USE_CACHED_TASKS is True but task {task.name!r} has no cache in the seqio cache "
+                             f"directories ({', '.join(seqio.utils.get_global_cache_dirs()) or 'none set'}); cache "
+                             "it with seqio's cache_tasks_main, or set USE_CACHED_TASKS = False to preprocess on the fly")
+
+
 def get_dataset(name: str, task_feature_lengths: Mapping[str, int], *, use_cached: bool = False, **kwargs):
     """seqio.get_dataset with the EncDecFeatureConverter; a task that USE_CACHED_TASKS wants from a
     cache that does not exist is a ValueError saying so."""

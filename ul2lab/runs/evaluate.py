@@ -13,7 +13,7 @@ from ul2lab.errors import UserError
 from ul2lab.files import atomic_write
 from ul2lab.models import decoding
 from ul2lab.runs import task_modules
-from ul2lab.runs.infer import batch_slices, load_checkpoint, pad_rows, predict_tokens, strip_eos
+from ul2lab.runs.infer import batch_slices, load_checkpoint, pad_rows, predict_tokens
 from ul2lab.runs.settings import EVAL_METRICS_FILE, EvalConfig
 
 
@@ -44,6 +44,8 @@ def make_evaluator(settings: EvalConfig, log_dir=None) -> seqio.Evaluator:
         pipeline.get_mixture_or_task(mixture_or_task)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
     evaluator = seqio.Evaluator(
         mixture_or_task, feature_converter=seqio.EncDecFeatureConverter(pack=False), eval_split=split,
         sequence_length={"inputs": lengths["inputs"], "targets": lengths["targets"]},
@@ -73,7 +75,9 @@ def evaluate(config, params, settings: EvalConfig, evaluator=None, step=None) ->
         for indices, features in batched(dataset):
             rng[0], key = jax.random.split(rng[0])
             tokens, _ = predict_tokens(config, params, features["encoder_input_tokens"], settings, key)
-            out += [(i, strip_eos(t)) for i, t in zip(indices, np.asarray(tokens))]
+            # whole rows, as t5x hands them to seqio: the vocabulary decodes up to EOS, and rows of one
+            # length keep seqio's np.array of the predictions rectangular (stripped rows are ragged)
+            out += [(i, t) for i, t in zip(indices, np.asarray(tokens))]
         return out
 
     def score_fn(dataset):

@@ -178,7 +178,10 @@ def infer_task(settings: InferConfig) -> int:
         if os.path.exists(path) and not settings.overwrite:
             raise UserError(f"{path} exists; pass --overwrite (InferConfig.overwrite = True) or choose another "
                             "--infer_output_dir")
-    config, params, _ = load_checkpoint(settings.checkpoint_path, settings.step)
+    try:  # the task brings its vocabulary: the checkpoint's vocab_path is not needed
+        config, params = checkpoints.load_params(settings.checkpoint_path, settings.step)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     lengths = dict(settings.task_feature_lengths or {"inputs": settings.max_input_length,
                                                      "targets": settings.max_decode_length})
     total = 0

@@ -91,6 +91,8 @@ def check(config: TrainConfig) -> Optional[str]:
     task_modules.import_task_modules(config.mixture_or_task_module)
     try:
         vocab_path = pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
+        if config.use_cached_tasks:
+            pipeline.check_cached(config.mixture_or_task_name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     train_eval.check(config)
