@@ -32,6 +32,7 @@ HF = [
     "transformers==5.24.0",
     "safetensors==0.8.0",
 ]
+TENSORBOARD = ["tensorboard==2.21.0"]  # the viewer (`tensorboard --logdir MODEL_DIR`); runs write events without it
 TEST = ["pytest==9.0.3", "ruff==0.17.6", "import-linter==2.17"] + HF
 
 setup(
@@ -42,6 +43,6 @@ setup(
     packages=find_packages(include=["ul2lab", "ul2lab.*"]) + ["ul2lab_tasks"],
     package_dir={"ul2lab_tasks": "tasks"},
     install_requires=CORE + DATA,
-    extras_require={"hf": HF, "test": TEST},
+    extras_require={"hf": HF, "tensorboard": TENSORBOARD, "test": TEST},
     entry_points={"console_scripts": ["ul2lab=ul2lab.cli.main:main"]},
 )

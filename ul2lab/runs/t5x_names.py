@@ -69,11 +69,16 @@ TABLE: Tuple[Tuple[str, Optional[str], str], ...] = (
     ("PjitPartitioner.model_parallel_submesh", "TrainConfig.mesh_shape", ""),
     ("PjitPartitioner.logical_axis_rules", "TrainConfig.logical_axis_rules", "'standard' or 'fsdp'"),
     ("PjitPartitioner", "TrainConfig.mesh_shape", "or a file of gin/partitioning/"),
+    ("ModelBasedPjitPartitioner.num_partitions", "TrainConfig.mesh_shape",
+     "{'data': -1, 'fsdp': 1, 'model': N}, or gin/partitioning/tensor_parallel.gin with MODEL_PARALLEL = N"),
+    ("ModelBasedPjitPartitioner", "TrainConfig.mesh_shape", "or a file of gin/partitioning/"),
     ("standard_logical_axis_rules", "TrainConfig.logical_axis_rules", "'standard'"),
     # trainer, schedule, optimizer, loss
     ("Trainer.num_microbatches", "TrainConfig.num_microbatches", ""),
     ("Trainer.learning_rate_fn", "TrainConfig.learning_rate", "a schedule of gin/schedules/"),
     ("Trainer", "TrainConfig", ""),
+    ("Trainer.weight_metrics_computer", None, "grad_norm is logged at every log period; delete the line"),
+    ("WeightMetricsComputer", None, "grad_norm is logged at every log period; delete the line"),
     ("create_learning_rate_scheduler.factors", "TrainConfig.learning_rate",
      "'constant * rsqrt_decay' is @rsqrt_schedule() (gin/schedules/rsqrt.gin), 'constant' is @constant_schedule()"),
     ("create_learning_rate_scheduler.base_learning_rate", "rsqrt_schedule.base_learning_rate",
@@ -125,7 +130,8 @@ T5X_MODULES = {"train_script", "eval_script", "infer_script", "__main__", "utils
 INCLUDES = (("t5x/configs/runs/pretrain.gin", "runs/pretrain.gin"), ("t5x/configs/runs/finetune.gin", "runs/finetune.gin"),
             ("t5x/configs/runs/eval.gin", "runs/eval.gin"), ("t5x/configs/runs/infer.gin", "runs/infer.gin"))
 T5X_MODEL_FILE = re.compile(r"t5x/examples/t5/t5_1_1/(small|base|large|xl|xxl)\.gin")
-T5X_ONLY_IMPORT = re.compile(r"^\s*(from\s+__gin__\s+import|import\s+__main__|from\s+t5x[\w.]*\s+import|import\s+t5x)")
+T5X_ONLY_IMPORT = re.compile(r"^\s*(from\s+__gin__\s+import|import\s+__main__\b|from\s+t5x(\.[\w.]+)?\s+import"
+                             r"|import\s+t5x(\.[\w.]+)?(\s|$))")
 
 _BY_NAME: Dict[str, Tuple[Optional[str], str]] = {name: (ours, note) for name, ours, note in TABLE}
 # t5x's configurables, also when written without a module (`train.eval_period`, `DatasetConfig.seed`);

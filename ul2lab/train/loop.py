@@ -88,6 +88,7 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
 
     lengths = config.task_feature_lengths
     tokens_per_step = config.batch_size * (lengths["inputs"] + lengths["targets"])
+    target_slots = config.batch_size * lengths["targets"]
     step_flops = flops.train_flops_per_step(config.model, config.batch_size, lengths["inputs"],
                                             lengths["targets"])
     peak = flops.peak_flops_per_device(override=config.peak_flops_per_device)
@@ -116,12 +117,19 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
                     metrics = {k: float(v) / (1 if k == "skipped_updates" else period_steps)
                                for k, v in jax.device_get(period_sums).items()}
                     metrics["learning_rate"] = learning_rate
+                    # t5x's names: the loss without z-loss, the share of target slots holding a token
+                    metrics["cross_ent_loss"] = metrics["loss"] - metrics["z_loss"]
+                    metrics["nonpadding_fraction"] = metrics["target_tokens"] / target_slots
                     period_sums, period_steps = None, 0
                     now = time.time()
                     if done > last_step:
                         seconds_per_step = (now - last_time) / (done - last_step)
                         metrics["tokens_per_s"] = tokens_per_step / seconds_per_step
                         metrics["mfu"] = flops.mfu(step_flops, seconds_per_step, mesh.size, peak)
+                        # t5x's timing scalars, under t5x's names (target tokens: the whole targets array)
+                        metrics["timing/steps_per_second"] = 1.0 / seconds_per_step
+                        metrics["timing/seqs_per_second"] = config.batch_size / seconds_per_step
+                        metrics["timing/target_tokens_per_second"] = target_slots / seconds_per_step
                     last_time, last_step = now, done
                     logger.log(done, metrics)
                 periodic = done % config.checkpoint_period == 0 or done % config.log_period == 0

@@ -3,7 +3,8 @@
 metrics.jsonl holds one JSON object per logged step ({"step": 100, "loss": 3.2, "learning_rate":
 0.01, ...}) and one per evaluation ({"step": 1000, "training_eval/<task>/loss": 3.1,
 "inference_eval/<task>/<metric>": ...}). TensorBoard, laid out as t5x's (written with tensorboardX,
-which needs no TensorFlow): training scalars in MODEL_DIR/train, validation loss in
+which needs no TensorFlow): training scalars in MODEL_DIR/train (t5x's names among them: loss,
+accuracy, cross_ent_loss, z_loss, learning_rate, nonpadding_fraction, timing/...), validation loss in
 MODEL_DIR/training_eval/<task>, inference metrics in MODEL_DIR/inference_eval/<task> tagged
 eval/<metric> (seqio's TensorBoardLogger naming). The loss curve is drawn with matplotlib into loss.png.
 """
