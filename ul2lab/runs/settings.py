@@ -118,10 +118,10 @@ def check_infer_source(settings: InferConfig):
         raise UserError("both --input_file/--output_file and --mixture_or_task given; infer a jsonl file or "
                         "a seqio task, not both")
     if jsonl:
-        for field in ("input_file", "output_file"):
-            if getattr(settings, field) is None:
-                raise UserError(f"{flag(field)} required: pass {flag(field)} ..., or use a gin run file: "
-                                f"--gin_file=gin/runs/infer.gin --gin.{field.upper()}=...")
+        for field, other in (("input_file", "output_file"), ("output_file", "input_file")):
+            if getattr(settings, field) is None:  # named as flag and as gin macro: either may be in use
+                raise UserError(f"{flag(field)} (gin {field.upper()}) required with {flag(other)}: pass "
+                                f"{flag(field)} ..., or --gin.{field.upper()}=... with --gin_file=gin/runs/infer.gin")
     elif settings.mixture_or_task_name is None:
         raise UserError("nothing to infer: pass --input_file in.jsonl --output_file out.jsonl, or "
                         "--mixture_or_task NAME --split S --infer_output_dir DIR (gin: INPUT_FILE/OUTPUT_FILE or "
