@@ -38,6 +38,7 @@ HF = [
 # env that must keep its pins) installs tests/requirements-beam.txt with --no-deps instead: the same Beam,
 # with protobuf 7, pyarrow 26, pillow 13 kept (tests/test_task_cache.py runs so). [tfrecord] brings crcmod.
 BEAM = ["apache-beam[tfrecord]==2.77.0"]
+TENSORBOARD = ["tensorboard==2.21.0"]  # the viewer (`tensorboard --logdir MODEL_DIR`); runs write events without it
 TEST = ["pytest==9.0.3", "ruff==0.17.6", "import-linter==2.17"] + HF
 
 setup(
@@ -48,6 +49,6 @@ setup(
     packages=find_packages(include=["ul2lab", "ul2lab.*"]) + ["ul2lab_tasks"],
     package_dir={"ul2lab_tasks": "tasks"},
     install_requires=CORE + DATA,
-    extras_require={"hf": HF, "test": TEST, "beam": BEAM},
+    extras_require={"hf": HF, "tensorboard": TENSORBOARD, "test": TEST, "beam": BEAM},
     entry_points={"console_scripts": ["ul2lab=ul2lab.cli.main:main"]},
 )

@@ -166,10 +166,10 @@ def register_table_corpus_task(name: str = gin.REQUIRED, directory: str = gin.RE
                                vocabulary: Optional[seqio.Vocabulary] = None,
                                patterns: Sequence[str] = table_files.PATTERNS) -> str:
     """Registers `{name}_mask`, `{name}_mod` and the mixture `{name}_ul2` (returned) over the table
-    files under `directory` (or matching it, a glob), e.g. in a run file:
-      ul2lab.register_table_corpus_task.name = "wikitq_tables"
-      ul2lab.register_table_corpus_task.directory = "/data/wikitq/csv"
-      train/DatasetConfig.mixture_or_task_name = @ul2lab.register_table_corpus_task()
+    files under `directory`. Call it in a task module of yours, e.g. my_tasks.py on PYTHONPATH:
+      from ul2lab_tasks.tables import register_table_corpus_task
+      register_table_corpus_task("wikitq_tables", "/data/wikitq/csv")
+    and train with --gin.MIXTURE_OR_TASK_MODULE=my_tasks --gin.MIXTURE_OR_TASK_NAME=wikitq_tables_ul2.
     CSV / TSV (a table per file), JSONL (a table per line), Parquet (a table per row of a `rows`
     column, else a table per file) are streamed from disk, a few files or chunks at a time
     (ul2lab.data.table_files), and each host reads its own share of them. Unreadable files and lines

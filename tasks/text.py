@@ -9,11 +9,14 @@
                      (32,100 ids; $UL2LAB_T5_VOCABULARY for a local copy, read when the task is
                      registered); real scale: the tests run it on local stand-ins of both.
   local_text_task(name, file_patterns, ...)
-                     registers (and returns) the same pretraining on your .txt / .jsonl files;
-                     gin-configurable, e.g. in a run file:
-                       ul2lab.local_text_task.name = "my_text_ul2"
-                       ul2lab.local_text_task.file_patterns = ["/data/text/*.jsonl"]
-                       train/DatasetConfig.mixture_or_task_name = @ul2lab.local_text_task()
+                     registers (and returns) the same pretraining on your .txt / .jsonl files.
+                     Call it in a module of yours and name that module, as t5x users do:
+                       # my_tasks.py, in a folder on PYTHONPATH
+                       from ul2lab_tasks.text import local_text_task
+                       local_text_task("my_text_ul2", ["/data/text/*.jsonl"], vocabulary="/data/spm.model")
+                     then: ul2lab train ... --gin.MIXTURE_OR_TASK_MODULE=my_tasks
+                                            --gin.MIXTURE_OR_TASK_NAME=my_text_ul2
+                     (or an `import my_tasks` line in your gin file).
 
 Every task reads documents into "targets" and runs
   tokenize → (cache placeholder) → mixture_of_denoisers → append_eos_after_trim,

@@ -318,12 +318,14 @@ def test_infer_through_gin_files_equals_flags_and_flags_win(checkpoint, tmp_path
     (["eval", "--gin_file=runs/eval.gin", "--gin.CHECKPOINT_PATH={ckpt}"],
      "required settings MIXTURE_OR_TASK_NAME are not set; pass --gin.MIXTURE_OR_TASK_NAME=... or --mixture_or_task"),
     (["infer", "--gin_file=runs/infer.gin", "--gin.CHECKPOINT_PATH={ckpt}", "--gin.INPUT_FILE=in.jsonl"],
-     "required settings OUTPUT_FILE are not set; pass --gin.OUTPUT_FILE=... or --output_file"),
+     # OUTPUT_FILE is optional in infer.gin (a task and INFER_OUTPUT_DIR are the other way): checked with INPUT_FILE
+     "--output_file (gin OUTPUT_FILE) required with --input_file: pass --output_file ..., or --gin.OUTPUT_FILE=..."),
     (["infer", "--gin_file=runs/infer.gin", "--gin.CHECKPOINT_PATH={ckpt}", "--gin.INPUT_FILE=in.jsonl",
       "--gin.OUTPUT_FILE={out}", "--gin.MODE='scores'"],
      "--mode (InferConfig.mode) 'scores' is invalid; use predict or score"),
     (["infer", "--checkpoint_dir={ckpt}", "--input_file=in.jsonl"],
-     "--output_file required: pass --output_file ..., or use a gin run file: --gin_file=gin/runs/infer.gin"),
+     "--output_file (gin OUTPUT_FILE) required with --input_file: pass --output_file ..., or --gin.OUTPUT_FILE=... "
+     "with --gin_file=gin/runs/infer.gin"),
 ])
 def test_eval_and_infer_gin_mistakes_are_one_line_errors(checkpoint, tmp_path, capsys, argv, message):
     root, *_ = checkpoint

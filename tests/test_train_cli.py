@@ -151,7 +151,7 @@ def test_continual_run_continues_an_infinite_schedule_and_re_warms_after_another
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--gin.TrainConfig.train_step=5"], "TrainConfig has no parameter 'train_step'; did you mean train_steps?"),
+    (["--gin.TrainConfig.train_step=5"], "TrainConfig has no parameter 'train_step'; did you mean train_steps"),
     (["--gin.TrainConfg.batch_size=8"], "unknown name 'TrainConfg'; did you mean TrainConfig"),
     (["--gin.preset.emb_dimm=32"], "T5Config has no field 'emb_dimm'; did you mean emb_dim"),
     (["--gin.TRAIN_STEP=5"], "macro TRAIN_STEP is not used by any gin file; did you mean TRAIN_STEPS"),

@@ -1,7 +1,9 @@
-"""Flags of `ul2lab infer` (predict or score a jsonl file) and `ul2lab eval` (a seqio eval of a checkpoint).
+"""Flags of `ul2lab infer` (predict or score a jsonl file or a seqio task) and `ul2lab eval` (a seqio
+eval of a checkpoint).
 
     ul2lab infer --checkpoint_dir D --input_file in.jsonl --output_file out.jsonl \
         [--mode predict|score] [--beam_size N --alpha A] [--temperature T --top_k K --top_p P]
+    ul2lab infer --checkpoint_dir D --mixture_or_task NAME --split test --infer_output_dir DIR
     ul2lab eval --checkpoint_dir D --mixture_or_task NAME [--split validation] \
         [--feature_lengths inputs=512,targets=114] [--eval_output_dir DIR]
 
@@ -11,6 +13,8 @@ or, as t5x's eval.py / infer.py, from gin run files (gin/runs/eval.gin, gin/runs
         --gin.EVAL_OUTPUT_DIR=DIR
     ul2lab infer --gin_file=runs/infer.gin --gin.CHECKPOINT_PATH=D --gin.INPUT_FILE=in.jsonl \
         --gin.OUTPUT_FILE=out.jsonl --gin.BEAM_SIZE=4
+    ul2lab infer --gin_file=runs/infer.gin --gin.CHECKPOINT_PATH=D --gin.MIXTURE_OR_TASK_NAME=NAME \
+        --gin.INFER_OUTPUT_DIR=DIR
 
 Every flag sets the EvalConfig / InferConfig field of the same meaning (ul2lab.runs.settings). When
 both are given, explicit flags win over gin (files and --gin.NAME=VALUE bindings alike):
@@ -25,14 +29,22 @@ FLAGS_WIN = "Flags given explicitly override the gin files and --gin. bindings."
 def add_parser(subparsers):
     # flags default to None ("not given"): the defaults are EvalConfig's / InferConfig's, and a flag
     # that is given overrides the gin files
-    p = subparsers.add_parser("infer", help="predict (greedy, beam, sampling) or score a jsonl file",
-                              description="predict (greedy, beam, sampling) or score a jsonl file; "
-                                          "configure by flags or gin (gin/runs/infer.gin); flags win")
+    p = subparsers.add_parser("infer", help="predict (greedy, beam, sampling) or score a jsonl file or a seqio task",
+                              description="predict (greedy, beam, sampling) or score a jsonl file, or a seqio "
+                                          "task or mixture's split (as t5x's infer.py); configure by flags or gin "
+                                          "(gin/runs/infer.gin); flags win")
     gin_flags.add_gin_arguments(p, "--gin.CHECKPOINT_PATH=/ckpt --gin.INPUT_FILE=in.jsonl --gin.OUTPUT_FILE=out.jsonl")
     p.epilog += " Start from --gin_file=runs/infer.gin. " + FLAGS_WIN
     _add_checkpoint_args(p)
     p.add_argument("--input_file", help='jsonl, one {"inputs": ..., "targets": ...} per line')
     p.add_argument("--output_file", help="jsonl written here, one line per input line")
+    p.add_argument("--mixture_or_task", dest="mixture_or_task_name", metavar="NAME",
+                   help="instead of --input_file: a registered seqio task or mixture (with --split, --infer_output_dir)")
+    p.add_argument("--split", help="the task's split (default test)")
+    p.add_argument("--infer_output_dir", help="<task>-<mode>.jsonl-00000-of-00001 is written here for each task")
+    p.add_argument("--feature_lengths", dest="task_feature_lengths", metavar="inputs=N,targets=M",
+                   help="a task's features are trimmed to these (default: --max_input_length, --max_decode_length)")
+    _add_module_arg(p)
     p.add_argument("--mode", choices=("predict", "score"),
                    help="predict (default) or score: log-likelihood of each line's whole targets (never truncated)")
     p.add_argument("--max_input_length", type=int, help="inputs are truncated to this (EOS included; default 512)")
@@ -54,7 +66,13 @@ def add_parser(subparsers):
     e.add_argument("--max_examples", type=int, help="evaluate only the first N examples")
     e.add_argument("--eval_output_dir", help="write the metrics to DIR/metrics.json")
     e.add_argument("--output_file", help="also write the metrics here as JSON")
+    _add_module_arg(e)
     e.set_defaults(func=run_eval)
+
+
+def _add_module_arg(p):
+    p.add_argument("--mixture_or_task_module", action="append", metavar="MODULE",
+                   help="module that registers your seqio tasks (repeatable; gin: MIXTURE_OR_TASK_MODULE)")
 
 
 def _add_checkpoint_args(p):

@@ -3,6 +3,9 @@
     ul2lab train --gin_file=gin/models/t5_1_1_small.gin --gin_file=gin/runs/pretrain_ul2.gin \\
         --gin.MODEL_DIR=/tmp/run --gin.TRAIN_STEPS=10000 --gin.BATCH_SIZE=128
 
+t5x's train.py flags work as there: --gin_file, --gin_search_paths, --gin.NAME=VALUE, --tfds_data_dir,
+--alsologtostderr; --mixture_or_task_module is the flag form of MIXTURE_OR_TASK_MODULE.
+
 The work is ul2lab.runs.train's; each command here reads its flags and makes one call.
 """
 from ul2lab.cli import gin_flags
@@ -28,6 +31,8 @@ def add_parser(subparsers):
             p.add_argument("--tfds_data_dir", default=None,
                            help="where TFDS datasets (e.g. c4/en:3.1.0 of the c4_ul2 task) are prepared; "
                                 "overrides TFDS_DATA_DIR, as t5x's --tfds_data_dir")
+        if name == "train":
+            add_t5x_arguments(p)
         if name == "anneal":
             p.add_argument("--checkpoint_dir", required=True, help="MODEL_DIR of the main (constant-phase) run")
             p.add_argument("--output_dir", required=True, help="new directory for the annealed branch")
@@ -49,6 +54,14 @@ def add_host_arguments(parser):
                        help="comma-separated device ids this process uses (e.g. 0,1)")
 
 
+def add_t5x_arguments(parser):
+    group = parser.add_argument_group("as t5x's train.py")
+    group.add_argument("--mixture_or_task_module", action="append", default=None, metavar="MODULE",
+                       help="module that registers your seqio tasks, imported before the task is looked up "
+                            "(repeatable or comma-separated; gin: MIXTURE_OR_TASK_MODULE)")
+    group.add_argument("--alsologtostderr", action="store_true", help="also show INFO logs (seqio, TFDS) on stderr")
+
+
 def hosts_from_args(args) -> dict:
     ids = args.local_device_ids
     if ids is not None:
@@ -64,7 +77,8 @@ def hosts_from_args(args) -> dict:
 def run_train(args) -> int:
     from ul2lab.runs import train
     return train.train_from_gin(args.gin_file, args.gin_bindings, args.gin_search_paths, hosts=hosts_from_args(args),
-                                tfds_data_dir=args.tfds_data_dir)
+                                mixture_or_task_modules=args.mixture_or_task_module,
+                                tfds_data_dir=args.tfds_data_dir, log_to_stderr=args.alsologtostderr)
 
 
 def run_anneal(args) -> int:

@@ -7,10 +7,13 @@
 model's); `seqio_batches` is deterministic for a seed and returns a `HostBatches`, whose position the
 trainer saves per host in each checkpoint and restores on resume (ul2lab.data.host_batches), so a
 resumed run sees exactly the batches an uninterrupted run would have, without replaying them.
+`validation_batches` are the fixed batches of t5x's training evaluation (the validation loss every
+EVAL_PERIOD steps).
 """
 import difflib
+import functools
 import logging
-from typing import Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import jax
 import seqio
@@ -52,6 +55,21 @@ def check_task(name: str, model_vocab_size: int) -> Optional[str]:
     return getattr(vocabulary, "sentencepiece_model_file", None)
 
 
+def get_dataset(name: str, task_feature_lengths: Mapping[str, int], *, use_cached: bool = False, **kwargs):
+    """seqio.get_dataset with the EncDecFeatureConverter; a task that USE_CACHED_TASKS wants from a
+    cache that does not exist is a ValueError saying so."""
+    try:
+        return seqio.get_dataset(name, dict(task_feature_lengths),
+                                 feature_converter=seqio.EncDecFeatureConverter(pack=kwargs.pop("pack", True)),
+                                 use_cached=use_cached, verbose=False, **kwargs)
+    except AssertionError as e:  # seqio asserts that a cached task's cache directory exists
+        if use_cached and "cache" in str(e):
+            raise ValueError(f"USE_CACHED_TASKS is True but {' '.join(str(e).split())}; cache the task with "
+                             "seqio's cache_tasks_main (then seqio.add_global_cache_dirs), or set "
+                             "USE_CACHED_TASKS = False to preprocess on the fly") from None
+        raise
+
+
 def host_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], *, seed: int = 0,
                  pack: bool = True, split: str = "train", shuffle: bool = True, num_epochs: Optional[int] = None,
                  use_cached: bool = False) -> tf.data.Dataset:
@@ -74,25 +92,58 @@ def host_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, i
 
 def seqio_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
                   skip: int = 0, *, seed: int = 0, pack: bool = True, split: str = "train",
-                  use_cached: bool = False) -> HostBatches:
+                  shuffle: bool = True, use_cached: bool = False) -> HostBatches:
     """Deterministic host batches (this host's `batch_size // jax.process_count()` rows of each global
     batch), the first `skip` left out (a replay: resumed runs restore the saved position instead);
     every host reads its own shard of the data."""
     rows = batch_size // jax.process_count()
     dataset = host_dataset(mixture_or_task_name, task_feature_lengths, seed=seed, pack=pack, split=split,
-                           use_cached=use_cached)
+                           shuffle=shuffle, use_cached=use_cached)
     dataset = dataset.batch(rows, drop_remainder=True).skip(skip).prefetch(2)
     description = {"mixture_or_task_name": mixture_or_task_name, "task_feature_lengths": dict(task_feature_lengths),
-                   "host_rows": rows, "seed": seed, "pack": pack, "split": split, "use_cached": use_cached,
+                   "host_rows": rows, "seed": seed, "pack": pack, "split": split, "shuffle": shuffle,
+                   "use_cached": use_cached,
                    "shard": [jax.process_index(), jax.process_count()]}
     return HostBatches(dataset, description)
 
 
 def train_batches(config):
-    """batches(skip) of a TrainConfig's mixture, lengths, batch size, seed, packing and cache use."""
-    use_cached = bool(config.use_cached_tasks)
-
+    """batches(skip) of a TrainConfig's mixture, lengths, batch size, seed, packing, shuffling, cache."""
     def batches(skip: int) -> HostBatches:
         return seqio_batches(config.mixture_or_task_name, config.task_feature_lengths, config.batch_size, skip,
-                             seed=config.seed, pack=config.pack, use_cached=use_cached)
+                             seed=config.seed, pack=config.pack, shuffle=config.shuffle_train_examples,
+                             use_cached=bool(config.use_cached_tasks))
     return batches
+
+
+VALIDATION_SEED = 42  # t5x's train_eval DatasetConfig.seed
+
+
+def tasks_with_split(name: str, split: str) -> List[str]:
+    """The tasks of a task or mixture that have `split`, then the mixture itself if any does
+    (t5x's training evaluation reports each task and the mixture)."""
+    mixture_or_task = get_mixture_or_task(name)
+    names = [task.name for task in seqio.get_subtasks(mixture_or_task) if split in task.splits]
+    if names and isinstance(mixture_or_task, seqio.Mixture):
+        names.append(mixture_or_task.name)
+    return names
+
+
+def validation_batches(config, split: str = "validation") -> Dict[str, Callable[[], List[dict]]]:
+    """{task: () -> its EVAL_STEPS host batches} of a TrainConfig's mixture, as t5x's training eval:
+    the split read in order (no shuffling), repeated, this host's share of each packed batch; read on
+    first use and kept, so every evaluation sees the same batches. Tasks without the split are left out."""
+    lengths, per_host = dict(config.task_feature_lengths), config.batch_size // jax.process_count()
+
+    @functools.lru_cache(maxsize=None)
+    def batches(name: str) -> List[dict]:
+        dataset = get_dataset(name, lengths, pack=config.pack, dataset_split=split, shuffle=False, num_epochs=1,
+                              seed=VALIDATION_SEED, use_cached=config.use_cached_tasks)
+        dataset = (dataset.repeat().shard(jax.process_count(), jax.process_index())
+                   .batch(per_host, drop_remainder=True).take(config.eval_steps))
+        out = list(dataset.as_numpy_iterator())
+        if not out:
+            logging.warning("the %r split of %s yielded no example: no validation loss for it", split, name)
+        return out
+
+    return {name: functools.partial(batches, name) for name in tasks_with_split(config.mixture_or_task_name, split)}

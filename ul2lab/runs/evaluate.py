@@ -13,7 +13,7 @@ from ul2lab.errors import UserError
 from ul2lab.files import atomic_write
 from ul2lab.models import decoding
 from ul2lab.runs import task_modules
-from ul2lab.runs.infer import batch_slices, load_checkpoint, pad_rows, predict_tokens, strip_eos
+from ul2lab.runs.infer import batch_slices, load_checkpoint, pad_rows, predict_tokens
 from ul2lab.runs.settings import EVAL_METRICS_FILE, EvalConfig
 
 
@@ -35,20 +35,31 @@ def run_eval(settings: EvalConfig) -> dict:
     return metrics
 
 
-def evaluate(config, params, settings: EvalConfig) -> dict:
-    """{task name: {metric: value}} from seqio.Evaluator with this model's predict and score fns."""
+def make_evaluator(settings: EvalConfig, log_dir=None) -> seqio.Evaluator:
+    """seqio's Evaluator of the settings' task or mixture (its examples read once and kept in memory);
+    with log_dir, seqio's JSONLogger writes <task>-metrics.jsonl and <task>-<step>.jsonl there, as t5x's."""
     mixture_or_task, split, lengths = settings.mixture_or_task_name, settings.split, settings.task_feature_lengths
-    task_modules.import_task_modules()
+    task_modules.import_task_modules(settings.mixture_or_task_module)
     try:
         pipeline.get_mixture_or_task(mixture_or_task)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
     evaluator = seqio.Evaluator(
         mixture_or_task, feature_converter=seqio.EncDecFeatureConverter(pack=False), eval_split=split,
         sequence_length={"inputs": lengths["inputs"], "targets": lengths["targets"]},
-        num_examples=settings.max_examples, use_memory_cache=True, async_compute_metrics=False)
+        num_examples=settings.max_examples, use_memory_cache=True, async_compute_metrics=False,
+        logger_cls=(seqio.JSONLogger,) if log_dir else (), log_dir=log_dir)
     if not evaluator.eval_tasks:
         raise UserError(f"{mixture_or_task!r} has no task with a {split!r} split and metric functions")
+    return evaluator
+
+
+def evaluate(config, params, settings: EvalConfig, evaluator=None, step=None) -> dict:
+    """{task name: {metric: value}} from seqio.Evaluator with this model's predict and score fns
+    (`evaluator`: one made by make_evaluator, reused across calls; `step`: for its loggers)."""
+    evaluator = evaluator or make_evaluator(settings)
     rng = [jax.random.PRNGKey(settings.seed)]
 
     def batched(dataset):
@@ -64,7 +75,9 @@ def evaluate(config, params, settings: EvalConfig) -> dict:
         for indices, features in batched(dataset):
             rng[0], key = jax.random.split(rng[0])
             tokens, _ = predict_tokens(config, params, features["encoder_input_tokens"], settings, key)
-            out += [(i, strip_eos(t)) for i, t in zip(indices, np.asarray(tokens))]
+            # whole rows, as t5x hands them to seqio: the vocabulary decodes up to EOS, and rows of one
+            # length keep seqio's np.array of the predictions rectangular (stripped rows are ragged)
+            out += [(i, t) for i, t in zip(indices, np.asarray(tokens))]
         return out
 
     def score_fn(dataset):
@@ -75,7 +88,8 @@ def evaluate(config, params, settings: EvalConfig) -> dict:
             out += [(i, float(s)) for i, s in zip(indices, np.asarray(scores))]
         return out
 
-    all_metrics, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn, score_fn=score_fn)
+    all_metrics, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn,
+                                        score_fn=score_fn)
     return {task: {k: _plain(v) for k, v in values.items()} for task, values in all_metrics.result().items()}
 
 

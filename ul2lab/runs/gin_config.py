@@ -17,7 +17,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 import gin
 
 from ul2lab.errors import UserError
-from ul2lab.runs import settings, task_modules
+from ul2lab.runs import settings, t5x_names, task_modules
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "gin")
 
@@ -84,6 +84,7 @@ def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], se
                             "(or add its folder with --gin_search_paths)")
     if not gin_files:
         raise UserError(f"no --gin_file given; start from a run file such as {start_from}")
+    t5x_names.check_gin_inputs(gin_files, bindings, paths)  # t5x's names: say what they are here
     logging.disable(logging.ERROR)  # gin logs an error for every search path a file is not in
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)

@@ -1,9 +1,14 @@
-"""`ul2lab infer`'s work: a checkpoint's predictions (greedy, beam, sampling) or scores for a jsonl file.
+"""`ul2lab infer`'s work: a checkpoint's predictions (greedy, beam, sampling) or scores for a jsonl
+file, or for a seqio task or mixture's split (as t5x's infer.py).
 
 Input lines are JSON objects with "inputs" (and "targets" in score mode) as text, tokenized with
 the checkpoint's vocabulary (config.json "vocab_path") plus EOS, as seqio's T5 tasks do. Each
 output line is the input object plus "prediction" and "score" (predict: the log-likelihood of the
 prediction) or "score" (score: the log-likelihood of "targets", EOS included).
+
+A task's split is read in order through its preprocessors (features trimmed to
+task_feature_lengths); each of its tasks gets INFER_OUTPUT_DIR/<task>-<mode>.jsonl-00000-of-00001
+(t5x's name), one line per example: {"inputs": {its *_pretokenized fields}, "prediction", "score"}.
 """
 import json
 import os
@@ -14,10 +19,12 @@ import jax
 import numpy as np
 import seqio
 
+from ul2lab.data import pipeline
 from ul2lab.errors import UserError
 from ul2lab.files import atomic_write
 from ul2lab.models import decoding
 from ul2lab.models.special_ids import EOS_ID, PAD_ID
+from ul2lab.runs import task_modules
 from ul2lab.runs.settings import DecodeSettings, InferConfig
 from ul2lab.train import checkpoints
 
@@ -105,7 +112,10 @@ def predict_tokens(config, params, inputs: np.ndarray, settings: DecodeSettings,
 
 
 def infer(settings: InferConfig) -> int:
-    """Predict or score every line of settings.input_file into settings.output_file; returns the count."""
+    """Predict or score settings.input_file into settings.output_file, or each task of
+    settings.mixture_or_task_name into settings.infer_output_dir; returns the number of examples."""
+    if settings.mixture_or_task_name is not None:
+        return infer_task(settings)
     if os.path.exists(settings.output_file) and not settings.overwrite:
         raise UserError(f"--output_file {settings.output_file} exists; pass --overwrite (InferConfig.overwrite "
                         "= True) or choose another file")
@@ -115,13 +125,24 @@ def infer(settings: InferConfig) -> int:
 
     inputs = _tokenize(vocab, [r["inputs"] for r in rows], settings.max_input_length)
     targets = _tokenize(vocab, [r["targets"] for r in rows]) if score_mode else None  # scored whole
-    # one padded shape for the whole file: one compilation
+    results = predict_or_score(config, params, vocab, inputs, targets, settings)
+    atomic_write(settings.output_file, "".join(
+        json.dumps({**row, **result}, ensure_ascii=False) + "\n" for row, result in zip(rows, results)))
+    print(f"wrote {len(results)} {'scores' if score_mode else 'predictions'} to {settings.output_file}")
+    return len(results)
+
+
+def predict_or_score(config, params, vocab, inputs: List[List[int]], targets: Optional[List[List[int]]],
+                     settings: InferConfig) -> List[dict]:
+    """[{"prediction", "score"}] (targets None) or [{"score"}] for token-id rows, in order."""
+    score_mode = targets is not None
+    # one padded shape for all rows: one compilation
     input_length = max(len(ids) for ids in inputs)
     target_length = max(len(ids) for ids in targets) if score_mode else None
     batch_size = settings.batch_size
     rng = jax.random.PRNGKey(settings.seed)
     results = []
-    for batch in batch_slices(len(rows), batch_size):
+    for batch in batch_slices(len(inputs), batch_size):
         encoder_input = pad_rows(inputs[batch], input_length, batch_size)
         if score_mode:
             scores = decoding.score(params, config, encoder_input, pad_rows(targets[batch], target_length, batch_size))
@@ -131,8 +152,59 @@ def infer(settings: InferConfig) -> int:
         tokens, scores = predict_tokens(config, params, encoder_input, settings, key)
         for tok, s in list(zip(np.asarray(tokens), np.asarray(scores)))[:batch.stop - batch.start]:
             results.append({"prediction": vocab.decode(strip_eos(tok)), "score": float(s)})
+    return results
 
-    atomic_write(settings.output_file, "".join(
-        json.dumps({**row, **result}, ensure_ascii=False) + "\n" for row, result in zip(rows, results)))
-    print(f"wrote {len(results)} {'scores' if score_mode else 'predictions'} to {settings.output_file}")
-    return len(results)
+
+def infer_output_path(settings: InferConfig, task_name: str) -> str:
+    """t5x's name for one task's inferences (one shard)."""
+    return os.path.join(settings.infer_output_dir, f"{task_name}-{settings.mode}.jsonl-00000-of-00001")
+
+
+def infer_task(settings: InferConfig) -> int:
+    """Each task of a task or mixture that has settings.split -> infer_output_path(settings, task)."""
+    task_modules.import_task_modules(settings.mixture_or_task_module)
+    try:
+        mixture_or_task = pipeline.get_mixture_or_task(settings.mixture_or_task_name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    subtasks = seqio.get_subtasks(mixture_or_task)
+    tasks = [t for t in subtasks if settings.split in t.splits]
+    if not tasks:
+        splits = sorted({s for t in subtasks for s in t.splits})
+        raise UserError(f"--split {settings.split!r}: {settings.mixture_or_task_name!r} has no task with that "
+                        f"split; its splits: {', '.join(splits)}")
+    for task in tasks:
+        path = infer_output_path(settings, task.name)
+        if os.path.exists(path) and not settings.overwrite:
+            raise UserError(f"{path} exists; pass --overwrite (InferConfig.overwrite = True) or choose another "
+                            "--infer_output_dir")
+    try:  # the task brings its vocabulary: the checkpoint's vocab_path is not needed
+        config, params = checkpoints.load_params(settings.checkpoint_path, settings.step)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    lengths = dict(settings.task_feature_lengths or {"inputs": settings.max_input_length,
+                                                     "targets": settings.max_decode_length})
+    total = 0
+    for task in tasks:
+        examples = list(task.get_dataset(lengths, split=settings.split, shuffle=False, num_epochs=1)
+                        .as_numpy_iterator())
+        if not examples:
+            print(f"note: the {settings.split!r} split of {task.name} has no example; nothing written for it")
+            continue
+        vocab = task.output_features["targets"].vocabulary
+        inputs = [[int(t) for t in ex["inputs"]] or [EOS_ID] for ex in examples]
+        targets = [[int(t) for t in ex["targets"]] or [EOS_ID] for ex in examples] if settings.mode == "score" else None
+        results = predict_or_score(config, params, vocab, inputs, targets, settings)
+        path = infer_output_path(settings, task.name)
+        atomic_write(path, "".join(json.dumps({"inputs": _pretokenized(ex, vocab), **result}, ensure_ascii=False)
+                                   + "\n" for ex, result in zip(examples, results)))
+        print(f"wrote {len(results)} {'scores' if targets is not None else 'predictions'} of {task.name} to {path}")
+        total += len(results)
+    return total
+
+
+def _pretokenized(example: dict, vocab) -> dict:
+    """An example's *_pretokenized text fields (t5x's "inputs" of an inference line), else its decoded inputs."""
+    fields = {k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v
+              for k, v in example.items() if k.endswith("_pretokenized")}
+    return fields or {"inputs": vocab.decode(strip_eos(example["inputs"]))}

@@ -5,7 +5,7 @@ Both read a checkpoint and decode with it, so they share DecodeSettings; the dec
 checked once, here, with both spellings of each setting in the message (flag and gin field).
 """
 import dataclasses
-from typing import List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from ul2lab.errors import UserError
 from ul2lab.models import decoding
@@ -30,9 +30,16 @@ class DecodeSettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InferConfig(DecodeSettings):
-    """`ul2lab infer` settings (gin: `InferConfig.<field> = ...`, see gin/runs/infer.gin)."""
-    input_file: str                 # jsonl, one {"inputs": ..., "targets": ...} per line
-    output_file: str                # jsonl written here, one line per input line
+    """`ul2lab infer` settings (gin: `InferConfig.<field> = ...`, see gin/runs/infer.gin): a jsonl file
+    (input_file -> output_file) or, as t5x's infer.py, a seqio task or mixture's split -> infer_output_dir."""
+    input_file: Optional[str] = None    # jsonl, one {"inputs": ..., "targets": ...} per line
+    output_file: Optional[str] = None   # jsonl written here, one line per input line
+    mixture_or_task_name: Optional[str] = None  # or: a registered seqio task or mixture ...
+    split: str = "test"                 # ... its split (t5x's infer.gin default)
+    infer_output_dir: Optional[str] = None      # ... <task>-<mode>.jsonl-00000-of-00001 per task written here
+    task_feature_lengths: Optional[Mapping[str, int]] = None  # a task's features are trimmed to these
+    #                                     (default: inputs max_input_length, targets max_decode_length)
+    mixture_or_task_module: Any = None  # module(s) to import first: they register the task
     mode: str = "predict"           # "predict" | "score" (log-likelihood of each line's whole targets)
     max_input_length: int = 512     # inputs are truncated to this (EOS included)
     overwrite: bool = False         # replace output_file if it exists
@@ -48,6 +55,7 @@ class EvalConfig(DecodeSettings):
     eval_output_dir: Optional[str] = None   # metrics.json is written here
     output_file: Optional[str] = None       # also write the metrics JSON to this exact file
     max_examples: Optional[int] = None      # evaluate only the first N examples
+    mixture_or_task_module: Any = None      # module(s) to import first: they register the task
 
 
 # fields whose flag has another name (every other field's flag is --<field>)
@@ -89,11 +97,33 @@ def check_settings(settings: DecodeSettings):
         raise UserError(f"{' and '.join(name(f) for f in fields)} {what}")
     if getattr(settings, "mode", "predict") not in ("predict", "score"):
         raise UserError(f"{name('mode')} {settings.mode!r} is invalid; use predict or score")
-    lengths = getattr(settings, "task_feature_lengths", {"inputs": 1, "targets": 1})
+    if isinstance(settings, InferConfig):
+        check_infer_source(settings)
+    lengths = getattr(settings, "task_feature_lengths", None) or {"inputs": 1, "targets": 1}
     if (not isinstance(lengths, Mapping) or set(lengths) != {"inputs", "targets"}
             or not all(isinstance(v, int) and v >= 1 for v in lengths.values())):
         raise UserError(f"{name('task_feature_lengths')} {lengths!r} is invalid; use "
                         "{'inputs': 512, 'targets': 114} (gin) or inputs=512,targets=114 (flag)")
+
+
+def check_infer_source(settings: InferConfig):
+    """A jsonl file in and out, or a task with an output directory: one of the two, complete."""
+    jsonl = settings.input_file is not None or settings.output_file is not None
+    if jsonl and settings.mixture_or_task_name is not None:
+        raise UserError("both --input_file/--output_file and --mixture_or_task given; infer a jsonl file or "
+                        "a seqio task, not both")
+    if jsonl:
+        for field, other in (("input_file", "output_file"), ("output_file", "input_file")):
+            if getattr(settings, field) is None:  # named as flag and as gin macro: either may be in use
+                raise UserError(f"{flag(field)} (gin {field.upper()}) required with {flag(other)}: pass "
+                                f"{flag(field)} ..., or --gin.{field.upper()}=... with --gin_file=gin/runs/infer.gin")
+    elif settings.mixture_or_task_name is None:
+        raise UserError("nothing to infer: pass --input_file in.jsonl --output_file out.jsonl, or "
+                        "--mixture_or_task NAME --split S --infer_output_dir DIR (gin: INPUT_FILE/OUTPUT_FILE or "
+                        "MIXTURE_OR_TASK_NAME/INFER_OUTPUT_DIR)")
+    elif settings.infer_output_dir is None:
+        raise UserError("--infer_output_dir (InferConfig.infer_output_dir, gin INFER_OUTPUT_DIR) required with "
+                        "--mixture_or_task: the folder that receives <task>-<mode>.jsonl-00000-of-00001")
 
 
 def parse_feature_lengths(text: str) -> dict:

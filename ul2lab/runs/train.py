@@ -5,6 +5,7 @@ Composes the data floor (the seqio task's batches, ul2lab.data.pipeline) with th
 (ul2lab.train.loop), which never imports seqio or gin itself.
 """
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -21,7 +22,7 @@ from ul2lab.errors import UserError
 from ul2lab.interop import convert
 from ul2lab.models import decoding
 from ul2lab.models.config import T5Config
-from ul2lab.runs import gin_config, task_modules
+from ul2lab.runs import gin_config, task_modules, train_eval
 from ul2lab.runs.infer import load_checkpoint, strip_eos
 from ul2lab.train import checkpoints, distributed, loop, schedules, xla_flags
 from ul2lab.train import config as train_config
@@ -43,8 +44,12 @@ def start_hosts(coordinator_address: Optional[str] = None, num_processes: Option
         raise UserError(str(e)) from None
 
 
-def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str = ""):
-    """Parse gin files + bindings and build the TrainConfig (a UserError for any mistake)."""
+def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str = "",
+                      mixture_or_task_modules: task_modules.Modules = None):
+    """Parse gin files + bindings and build the TrainConfig (a UserError for any mistake).
+    mixture_or_task_modules (--mixture_or_task_module) are imported first, so gin may configure what
+    they register, and join the config's MIXTURE_OR_TASK_MODULE."""
+    task_modules.import_task_modules(mixture_or_task_modules)
     config = gin_config.load_config(
         "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
         missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
@@ -52,6 +57,9 @@ def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_
     if not isinstance(config.model, T5Config):
         raise UserError("TrainConfig.model is not a model config: include a model gin file, e.g. "
                         "--gin_file=gin/models/t5_1_1_small.gin")
+    if mixture_or_task_modules:
+        config = dataclasses.replace(config, mixture_or_task_module=task_modules.module_names(
+            config.mixture_or_task_module, mixture_or_task_modules))
     return config
 
 
@@ -62,29 +70,43 @@ def set_tfds_data_dir(tfds_data_dir: Optional[str]):
 
 
 def train_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: str = "",
-                   hosts: Optional[Mapping] = None, tfds_data_dir: Optional[str] = None) -> int:
-    """`ul2lab train`: join the other hosts, parse the gin files, train or resume. Returns the exit code."""
+                   hosts: Optional[Mapping] = None, mixture_or_task_modules: task_modules.Modules = None,
+                   tfds_data_dir: Optional[str] = None, log_to_stderr: bool = False) -> int:
+    """`ul2lab train`: join the other hosts, parse the gin files, train or resume. Returns the exit code.
+    tfds_data_dir and log_to_stderr are t5x's --tfds_data_dir and --alsologtostderr."""
     start_hosts(**(hosts or {}))
+    t5x_flags(tfds_data_dir, log_to_stderr)
+    return exit_code(train_task(load_train_config(gin_files, bindings, search_paths, mixture_or_task_modules)))
+
+
+def t5x_flags(tfds_data_dir: Optional[str] = None, log_to_stderr: bool = False):
+    """t5x's --tfds_data_dir (where TFDS-backed tasks read their data) and --alsologtostderr (the
+    INFO logs of seqio, TFDS and ul2lab on stderr)."""
     set_tfds_data_dir(tfds_data_dir)
-    return exit_code(train_task(load_train_config(gin_files, bindings, search_paths)))
+    if log_to_stderr:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.INFO)
+        absl_logging.set_stderrthreshold(absl_logging.INFO)
+        logging.getLogger().setLevel(logging.INFO)
 
 
 def check(config: TrainConfig) -> Optional[str]:
-    """Every check of a run before any work (settings, mesh, MODEL_DIR, the task and its vocabulary);
-    returns the vocabulary's model file. A ConfigError names the problem."""
+    """Every check of a run before any work (settings, mesh, MODEL_DIR, the task modules, the task and
+    its vocabulary, the eval mixture); returns the vocabulary's model file. A ConfigError names the problem."""
     train_config.check(config)
-    task_modules.import_task_modules()
+    task_modules.import_task_modules(config.mixture_or_task_module)
     try:
         vocab_path = pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if config.use_cached_tasks:  # USE_CACHED_TASKS: every cache there, of this version and vocabulary
         task_cache.check_cached(config.mixture_or_task_name, config.seqio_cache_dirs)
+    train_eval.check(config)
     return vocab_path
 
 
 _INFINITE_SCHEDULE = re.compile(r"^TrainConfig\.learning_rate = @(?:[\w.]*\.)?infinite_schedule\(\)", re.M)
-_START_STEP = re.compile(r"^(?:[\w.]*\.)?infinite_schedule\.start_step = (\d+)\s*$", re.M)
+_START_STEP = re.compile(r"^(?:[\w.]*\.)?infinite_schedule\.start_step = (-?\d+)\s*$", re.M)
 
 
 def _run_gin(directory: Optional[str]) -> str:
@@ -99,11 +121,11 @@ def _run_gin(directory: Optional[str]) -> str:
 def resolve_schedule(config: TrainConfig):
     """(config, note): an infinite schedule whose start_step is unset gets one, and the note (gin
     lines for MODEL_DIR/config.gin) records it, so a resume or an anneal branch sees the same
-    schedule. The choice: what this run recorded before (a resume); else, from INITIAL_CHECKPOINT_PATH,
-    the step its schedule reached when that run was trained with the infinite schedule (continue,
-    no re-warm); else 0: re-warm (warmup to the peak, cooldown to the constant), as continual
-    pretraining from a checkpoint trained with another schedule (an imported T5/UL2/Flan model)
-    should."""
+    schedule. The step continues from INITIAL_CHECKPOINT_PATH's step S (as in t5x). The choice: what
+    this run recorded before (a resume); else, when that checkpoint's run used the infinite schedule,
+    its own start_step (continue, no re-warm); else -S: re-warm (warmup to the peak, cooldown to the
+    constant), as continual pretraining from a checkpoint trained with another schedule (an imported
+    T5/UL2/Flan model) should."""
     schedule = config.learning_rate
     if not isinstance(schedule, schedules.InfiniteSchedule) or schedule.start_step is not None:
         return config, ""
@@ -112,13 +134,12 @@ def resolve_schedule(config: TrainConfig):
     if recorded:
         start, why = int(recorded.group(1)), "as recorded when this run started"
     elif config.initial_checkpoint_path and _INFINITE_SCHEDULE.search(initial):
-        steps = checkpoints.all_steps(config.initial_checkpoint_path)
         before = _START_STEP.search(initial)
-        start = (max(steps) if steps else 0) + (int(before.group(1)) if before else 0)
-        why = (f"continuing the infinite schedule of {config.initial_checkpoint_path} at its step {start}: "
-               "no re-warm")
+        start = int(before.group(1)) if before else 0
+        why = f"continuing the infinite schedule of {config.initial_checkpoint_path}: no re-warm"
     else:
-        start = 0
+        steps = checkpoints.all_steps(config.initial_checkpoint_path) if config.initial_checkpoint_path else []
+        start = -max(steps) if steps else 0  # the step continues from the checkpoint's; the schedule restarts
         phases = (f"{schedule.warmup_steps} warmup steps to {schedule.peak_value:g}, "
                   f"{schedule.cooldown_steps} cooldown steps to {schedule.constant_value:g}")
         why = (f"re-warming ({config.initial_checkpoint_path} was not trained with the infinite schedule): "
@@ -128,11 +149,27 @@ def resolve_schedule(config: TrainConfig):
     return dataclasses.replace(config, learning_rate=dataclasses.replace(schedule, start_step=start)), note
 
 
+def resolve_seed(config: TrainConfig) -> TrainConfig:
+    """RANDOM_SEED = None (t5x's default): a seed from the clock, the same on every host, kept in the
+    checkpoints so that a resumed run reuses it."""
+    if config.seed is not None:
+        return config
+    seed = (checkpoints.latest_run_record(config.model_dir) or {}).get("seed")
+    if seed is None:
+        from jax.experimental import multihost_utils
+        seed = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % (2 ** 31))))
+        if jax.process_index() == 0:
+            print(f"RANDOM_SEED is None: this run's seed is {seed} (kept in its checkpoints for resuming)",
+                  flush=True)
+    return dataclasses.replace(config, seed=seed)
+
+
 def train_task(config: TrainConfig, note: str = "") -> dict:
     """Check everything, write MODEL_DIR/config.gin, train on the config's seqio task or mixture.
     Bad input never touches MODEL_DIR. Returns the trainer's result."""
     config, schedule_note = resolve_schedule(config)
     vocab_path = check(config)
+    config = resolve_seed(config)
 
     def write_gin():
         os.makedirs(config.model_dir, exist_ok=True)
@@ -143,7 +180,8 @@ def train_task(config: TrainConfig, note: str = "") -> dict:
         print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
               f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
 
-    result = loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, on_checked=write_gin)
+    result = loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, on_checked=write_gin,
+                        evaluation=train_eval.sources(config))
     if skips.summary() and jax.process_index() == 0:
         print(skips.summary(), "(details at debug level)", flush=True)
     return result
@@ -182,7 +220,7 @@ def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, ann
     except ValueError as e:
         raise UserError(str(e)) from None
     config = dataclasses.replace(config, model_dir=new, learning_rate=branch,
-                                 train_steps=step + branch.anneal_steps)
+                                 train_steps=step + branch.anneal_steps, train_steps_relative=None)
     check(config)
     checkpoints.copy_step(main, new, step)
     note = (f"# anneal branch of {main} at step {step}: infinite_schedule.anneal_start={branch.anneal_start} "

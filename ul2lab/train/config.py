@@ -24,7 +24,7 @@ class TrainConfig:
     model: T5Config
     mixture_or_task_name: str
     task_feature_lengths: Mapping[str, int]     # {"inputs": 512, "targets": 114}
-    train_steps: int                            # steps of this run, counted from step 0 of MODEL_DIR
+    train_steps: int                            # the step to stop at (t5x: absolute, counted from step 0)
     batch_size: int                             # global examples (packed rows) per step
     learning_rate: Optional[Callable] = None    # a schedule step -> lr; default t5x's rsqrt decay
     optimizer: Optional[Callable] = None        # learning_rate -> optax transform; default Adafactor
@@ -35,13 +35,25 @@ class TrainConfig:
     pack: bool = True
     use_cached_tasks: bool = False              # read the tasks from `ul2lab cache` output (gin USE_CACHED_TASKS)
     seqio_cache_dirs: Sequence[str] = ()        # where those caches are (seqio.add_global_cache_dirs)
-    seed: int = 0                               # parameter init, dropout and data order
+    seed: Optional[int] = 0                     # parameter init, dropout and data order (None: from the clock)
     checkpoint_period: int = 1000
     keep_checkpoints: Optional[int] = 3         # keep the last N ...
     keep_period: Optional[int] = None           # ... plus every K-th step
     async_checkpoints: bool = True
     log_period: int = 10
-    initial_checkpoint_path: Optional[str] = None  # params only (import-hf output or another run)
+    initial_checkpoint_path: Optional[str] = None  # params only (import-hf output or another run); the
+    #                                              step continues from that checkpoint's, as in t5x
+    train_steps_relative: Optional[int] = None  # t5x's TRAIN_STEPS_RELATIVE: this many steps past the step the
+    #                                             run started at (replaces train_steps)
+    # the data side, t5x's DatasetConfig (read by the runs and data floors, never by the loop)
+    mixture_or_task_module: Any = None          # module(s) that register the task: "my.tasks" or a list
+    shuffle_train_examples: bool = True         # SHUFFLE_TRAIN_EXAMPLES
+    use_cached_tasks: bool = False              # USE_CACHED_TASKS: read seqio's cache of the task
+    # evaluation during training (t5x's eval_period / eval_steps / infer_eval_dataset_cfg)
+    eval_period: Optional[int] = 1000           # evaluate every N steps and at the last step (None/0: never)
+    eval_steps: int = 20                        # batches of validation loss per task (training_eval/)
+    eval_mixture_or_task_name: Optional[str] = None  # its metrics on the model's predictions (inference_eval/)
+    evaluator_num_examples: Optional[int] = None     # examples per task of that evaluation (None: all)
     mesh_shape: Mapping[str, int] = dataclasses.field(  # sizes of data/fsdp/model; -1 = the rest
         default_factory=lambda: {"data": -1, "fsdp": 1, "model": 1})
     num_devices: Optional[int] = None           # use only the first N devices (default: all)
@@ -114,10 +126,41 @@ def check_config(config: TrainConfig):
                          f"{config.num_microbatches}; pick a batch size that is a multiple of it")
     if config.log_period <= 0 or config.checkpoint_period <= 0:
         raise ValueError("TrainConfig.log_period and checkpoint_period must be positive")
+    check_steps_and_eval(config)
     if config.max_consecutive_nonfinite is not None and (not _is_int(config.max_consecutive_nonfinite)
                                                          or config.max_consecutive_nonfinite <= 0):
         raise ValueError(f"TrainConfig.max_consecutive_nonfinite ({config.max_consecutive_nonfinite}) must be "
                          "positive, or None to skip non-finite steps without ever stopping")
+
+
+def check_steps_and_eval(config: TrainConfig):
+    """TRAIN_STEPS_RELATIVE, RANDOM_SEED, the evaluation settings; and, for a new run from
+    INITIAL_CHECKPOINT_PATH, that the absolute TRAIN_STEPS lies beyond that checkpoint's step."""
+    for name, value, least in (("TRAIN_STEPS_RELATIVE", config.train_steps_relative, 1),
+                               ("EVAL_PERIOD", config.eval_period, 0), ("EVAL_STEPS", config.eval_steps, 1),
+                               ("EVALUATOR_NUM_EXAMPLES", config.evaluator_num_examples, 1)):
+        if value is not None and (not _is_int(value) or value < least):
+            raise ValueError(f"{name} is {value!r}; it must be a whole number >= {least}"
+                             + (" or None" if name != "EVAL_STEPS" else ""))
+    if config.seed is not None and not _is_int(config.seed):
+        raise ValueError(f"RANDOM_SEED is {config.seed!r}; use a whole number (or None: a seed from the clock)")
+    if config.initial_checkpoint_path and config.train_steps_relative is None \
+            and not checkpoints.has_checkpoint(config.model_dir):
+        steps = checkpoints.all_steps(config.initial_checkpoint_path)
+        if steps and config.train_steps <= steps[-1]:
+            raise ValueError(
+                f"TRAIN_STEPS {config.train_steps} is not beyond step {steps[-1]} of INITIAL_CHECKPOINT_PATH "
+                f"{config.initial_checkpoint_path}: as in t5x the step continues from the checkpoint's and "
+                f"TRAIN_STEPS is the step to stop at; set TRAIN_STEPS={steps[-1] + config.train_steps} for "
+                f"{config.train_steps} more steps, or TRAIN_STEPS_RELATIVE={config.train_steps}")
+
+
+def end_step(config: TrainConfig, initial_step: int) -> int:
+    """The step a run stops at: TRAIN_STEPS, or TRAIN_STEPS_RELATIVE past the step the run started at
+    (INITIAL_CHECKPOINT_PATH's, else 0), recorded in the checkpoint so a resumed run keeps the same end."""
+    if config.train_steps_relative is not None:
+        return initial_step + config.train_steps_relative
+    return config.train_steps
 
 
 def _is_int(value) -> bool:

@@ -3,6 +3,10 @@
 `train(TrainConfig(...), batches)` is the whole run; the settings and their checks are in
 ul2lab.train.config, the state's layout and origin in ul2lab.train.state.
 
+Steps, as in t5x: TRAIN_STEPS is the step to stop at; a run from INITIAL_CHECKPOINT_PATH continues
+that checkpoint's step (TRAIN_STEPS_RELATIVE: this many steps past it). Every EVAL_PERIOD steps and
+at the last one, the evaluation the runs floor injected (ul2lab.train.evaluation) runs and is logged.
+
 Exact resumption: the batches come from a deterministic pipeline; the checkpoint records how many
 were drawn from which mixture and, per host, the pipeline's position (ul2lab.train.data_position),
 so a resumed run continues with the next batch in constant time (or, for batches that cannot save
@@ -14,6 +18,7 @@ unreadable latest checkpoint is reported and the previous one used; a step with 
 or gradient is skipped, and `max_consecutive_nonfinite` of them in a row stop the run with the last
 good state saved; a checkpoint that cannot be written stops the run with the previous one intact.
 """
+import dataclasses
 import os
 import signal
 import time
@@ -24,19 +29,21 @@ import jax.numpy as jnp
 
 from ul2lab.train import checkpoints, data_position, flops, partitioning, run_logging, schedules
 from ul2lab.train import state as state_lib
-from ul2lab.train.config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, TrainingStopped, check
+from ul2lab.train.config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, TrainingStopped, check, end_step
+from ul2lab.train.evaluation import EvalSources, PeriodicEval
 
 __all__ = ["train", "TrainConfig", "ConfigError", "TrainingStopped", "PREEMPTED_EXIT_CODE"]
 
 
 def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, vocab_path: Optional[str] = None,
-          on_checked: Optional[Callable[[], None]] = None) -> dict:
+          on_checked: Optional[Callable[[], None]] = None, evaluation: Optional[EvalSources] = None) -> dict:
     """Run (or resume) training; returns {"step", "history": [logged metrics], "summary", ...}.
 
     `batches(skip)` yields host batches (dicts of numpy arrays) after skipping `skip` of them
     (ul2lab.data.pipeline builds them from a seqio task or mixture). `vocab_path` is recorded in
     config.json. `on_checked()` is called once every check has passed, before MODEL_DIR is first
-    written (the train job writes config.gin there).
+    written (the train job writes config.gin there). `evaluation`: what runs every
+    config.eval_period steps (validation batches, an inference-metrics callback; see EvalSources).
     """
     mesh, rules = check(config)
     # the data pipeline is built before anything is written, so a task that cannot produce these
@@ -73,9 +80,15 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
                              mixture_or_task_name=config.mixture_or_task_name,
                              task_feature_lengths=dict(config.task_feature_lengths))
     start_step = int(state.step)
+    # the step the run started at (INITIAL_CHECKPOINT_PATH's, else 0) fixes TRAIN_STEPS_RELATIVE's end
+    initial_step = restored_run.get("initial_step", 0) if restored_run is not None else start_step
+    config = dataclasses.replace(config, train_steps=end_step(config, initial_step))
+    evaluator = (PeriodicEval(evaluation, config, mesh, rules, state_shardings.params)
+                 if evaluation is not None and config.eval_period else None)
 
     lengths = config.task_feature_lengths
     tokens_per_step = config.batch_size * (lengths["inputs"] + lengths["targets"])
+    target_slots = config.batch_size * lengths["targets"]
     step_flops = flops.train_flops_per_step(config.model, config.batch_size, lengths["inputs"],
                                             lengths["targets"])
     peak = flops.peak_flops_per_device(override=config.peak_flops_per_device)
@@ -104,12 +117,19 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
                     metrics = {k: float(v) / (1 if k == "skipped_updates" else period_steps)
                                for k, v in jax.device_get(period_sums).items()}
                     metrics["learning_rate"] = learning_rate
+                    # t5x's names: the loss without z-loss, the share of target slots holding a token
+                    metrics["cross_ent_loss"] = metrics["loss"] - metrics["z_loss"]
+                    metrics["nonpadding_fraction"] = metrics["target_tokens"] / target_slots
                     period_sums, period_steps = None, 0
                     now = time.time()
                     if done > last_step:
                         seconds_per_step = (now - last_time) / (done - last_step)
                         metrics["tokens_per_s"] = tokens_per_step / seconds_per_step
                         metrics["mfu"] = flops.mfu(step_flops, seconds_per_step, mesh.size, peak)
+                        # t5x's timing scalars, under t5x's names (target tokens: the whole targets array)
+                        metrics["timing/steps_per_second"] = 1.0 / seconds_per_step
+                        metrics["timing/seqs_per_second"] = config.batch_size / seconds_per_step
+                        metrics["timing/target_tokens_per_second"] = target_slots / seconds_per_step
                     last_time, last_step = now, done
                     logger.log(done, metrics)
                 periodic = done % config.checkpoint_period == 0 or done % config.log_period == 0
@@ -118,8 +138,8 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
                     if streak >= config.max_consecutive_nonfinite:
                         stopped = nonfinite_message(config, done, streak)
                 if done % config.checkpoint_period == 0 or done == config.train_steps or stop.requested or stopped:
-                    save(ckpt, done, state, state_lib.run_record(state, config, data_batches), saved_step,
-                         host_position(data))
+                    save(ckpt, done, state, state_lib.run_record(state, config, data_batches, initial_step),
+                         saved_step, host_position(data))
                     saved_step = done
                 if stopped:
                     break
@@ -127,6 +147,13 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
                     print(f"SIGTERM: saved step {done} to {config.model_dir}; rerun the same command to resume",
                           flush=True)
                     break
+                if evaluator is not None and evaluator.due(done, config.train_steps):
+                    logger.announce_eval(done, evaluator.describe())
+                    eval_started = time.time()
+                    results = evaluator.run(done, state.params)
+                    eval_seconds = time.time() - eval_started
+                    logger.log_eval(done, results, eval_seconds)
+                    last_time += eval_seconds  # evaluation time is not training time (tokens/s, MFU)
         wait(ckpt, saved_step)
     finally:
         ckpt.close()

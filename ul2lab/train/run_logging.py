@@ -1,8 +1,12 @@
 """What a person sees during and after a run: a progress line, metrics.jsonl, TensorBoard, a loss PNG.
 
 metrics.jsonl holds one JSON object per logged step ({"step": 100, "loss": 3.2, "learning_rate":
-0.01, ...}); TensorBoard scalars go to MODEL_DIR/train, as t5x lays them out (written with
-tensorboardX, which needs no TensorFlow); the loss curve is drawn with matplotlib into loss.png.
+0.01, ...}) and one per evaluation ({"step": 1000, "training_eval/<task>/loss": 3.1,
+"inference_eval/<task>/<metric>": ...}). TensorBoard, laid out as t5x's (written with tensorboardX,
+which needs no TensorFlow): training scalars in MODEL_DIR/train (t5x's names among them: loss,
+accuracy, cross_ent_loss, z_loss, learning_rate, nonpadding_fraction, timing/...), validation loss in
+MODEL_DIR/training_eval/<task>, inference metrics in MODEL_DIR/inference_eval/<task> tagged
+eval/<metric> (seqio's TensorBoardLogger naming). The loss curve is drawn with matplotlib into loss.png.
 """
 import json
 import math
@@ -14,6 +18,7 @@ from typing import Dict, List, Optional
 from ul2lab.files import atomic_path
 
 TENSORBOARD_TRAIN_DIR = "train"  # t5x's name for the training scalars' folder in MODEL_DIR
+INFERENCE_TAG_PREFIX = "eval/"   # seqio's TensorBoardLogger tags inference metrics eval/<metric>
 
 
 def format_duration(seconds: float) -> str:
@@ -53,13 +58,16 @@ class RunLogger:
         os.makedirs(model_dir, exist_ok=True)
         self.jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a") if write_files else None
         self.history: List[Dict[str, float]] = []
+        self.eval_history: List[Dict[str, float]] = []
         self.start_time = time.time()
         self._first_log = None
-        self.writer = self._tensorboard_writer() if tensorboard and write_files else None
+        self.tensorboard = tensorboard and write_files
+        self._eval_writers = {}
+        self.writer = self._tensorboard_writer(TENSORBOARD_TRAIN_DIR) if self.tensorboard else None
 
-    def _tensorboard_writer(self):
+    def _tensorboard_writer(self, subdir: str):
         from tensorboardX import SummaryWriter
-        return SummaryWriter(logdir=os.path.join(self.model_dir, TENSORBOARD_TRAIN_DIR))
+        return SummaryWriter(logdir=os.path.join(self.model_dir, subdir))
 
     def _write_scalars(self, record: Dict[str, float]):
         for name, value in record.items():
@@ -84,12 +92,43 @@ class RunLogger:
             eta = (now - self._first_log[1]) / (step - self._first_log[0]) * (self.total_steps - step)
         print(progress_line(step, self.total_steps, record, eta), file=self.stream, flush=True)
 
+    def announce_eval(self, step: int, what: str):
+        """The progress line says when an evaluation starts (it can take a while)."""
+        print(f"step {step}/{self.total_steps} | eval: {what} ...", file=self.stream, flush=True)
+
+    def log_eval(self, step: int, results: Dict[str, Dict[str, Dict[str, float]]], seconds: float):
+        """{kind: {task: {metric: value}}} (kind training_eval / inference_eval) to metrics.jsonl
+        ("<kind>/<task>/<metric>" keys), TensorBoard (MODEL_DIR/<kind>/<task>) and the console."""
+        record = {"step": int(step)}
+        shown = []
+        for kind, tasks in sorted(results.items()):
+            for task, metrics in sorted(tasks.items()):
+                record.update({f"{kind}/{task}/{name}": float(value) for name, value in metrics.items()})
+                shown.append(f"{kind}/{task}: " + ", ".join(
+                    f"{name} {value:.4g}" for name, value in sorted(metrics.items()) if name != "target_tokens"))
+                if self.tensorboard:
+                    key = os.path.join(kind, task)
+                    if key not in self._eval_writers:
+                        self._eval_writers[key] = self._tensorboard_writer(key)
+                    prefix = INFERENCE_TAG_PREFIX if kind == "inference_eval" else ""
+                    for name, value in metrics.items():
+                        self._eval_writers[key].add_scalar(prefix + name, float(value), global_step=int(step))
+                    self._eval_writers[key].flush()
+        self.eval_history.append(record)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        print(f"step {step}/{self.total_steps} | eval done in {format_duration(seconds)} | "
+              + (" | ".join(shown) or "no eval task had data"), file=self.stream, flush=True)
+
     def close(self, final_step: int, checkpoint_step: Optional[int] = None) -> str:
         """Draw loss.png, print and return the run summary, close files."""
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        for writer in self._eval_writers.values():
+            writer.close()
         png = os.path.join(self.model_dir, "loss.png")
         points = ([(r["step"], r["loss"]) for r in _whole_run(os.path.join(self.model_dir, "metrics.jsonl"))]
                   if self.write_files else [])
@@ -116,13 +155,14 @@ class RunLogger:
 
 
 def _whole_run(jsonl_path: str) -> List[dict]:
-    """Logged records of all sessions of a run, the latest record winning for a repeated step."""
+    """Logged records of all sessions of a run merged by step (training and eval records of a step
+    are separate lines), the latest value winning for a repeated step."""
     by_step = {}
     with open(jsonl_path) as f:
         for line in f:
             if line.strip():
                 record = json.loads(line)
-                by_step[record["step"]] = record
+                by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step) if "loss" in by_step[s]]
 
 

@@ -12,16 +12,16 @@ Continual pretraining with the infinite schedule
 The schedule is a pure function of the optimizer step, so what a run sees depends on where its
 step counter starts:
 
-* Resuming a run, or continuing from a checkpoint whose step counter is restored (the trainer
-  restores `step` with the optimizer state): the step is already past `warmup_steps +
+* Resuming a run, or starting one from INITIAL_CHECKPOINT_PATH (the step continues from that
+  checkpoint's, as in t5x): an infinite-schedule run's step is already past `warmup_steps +
   cooldown_steps`, so the learning rate is the constant with no re-warming. Nothing to do.
-* Starting a new run from params only (INITIAL_CHECKPOINT_PATH; the step counter restarts at 0):
-  `start_step=` the previous run's step (or any step in the constant phase) evaluates the schedule
-  at `step + start_step`, so step 0 of the new run is already in the constant phase; 0 re-warms
-  (warmup, cooldown to the constant). Left unset (None), `ul2lab train` decides when the run
-  starts (ul2lab.runs.train.resolve_schedule): the checkpoint's step when it was trained with the
-  infinite schedule, else 0 — a re-warm, as continual-pretraining work does after another
-  schedule — and records the choice in MODEL_DIR/config.gin.
+* `start_step` shifts the schedule: it is evaluated at `step + start_step`. A run started from
+  INITIAL_CHECKPOINT_PATH continues that checkpoint's step S (as t5x does), so continuing an
+  infinite-schedule run needs nothing, and `start_step=-S` re-warms (the new run's first step is the
+  schedule's step 0). Left unset (None), `ul2lab train` decides when the run starts
+  (ul2lab.runs.train.resolve_schedule): continue when the checkpoint was trained with the infinite
+  schedule, else re-warm, as continual-pretraining work does after another schedule; the choice is
+  recorded in MODEL_DIR/config.gin.
 * `ul2lab anneal` from a constant-phase checkpoint at step s: check `schedule.in_constant_phase(s)`,
   then train the branch with `schedule.branch_anneal(s)` (the same schedule with anneal_start=s),
   so the branch decays from the constant starting at the checkpoint's own step.
@@ -140,8 +140,9 @@ class InfiniteSchedule:
         _check_positive("constant_value", self.constant_value)
         _check_steps("warmup_steps", self.warmup_steps)
         _check_steps("cooldown_steps", self.cooldown_steps)
-        if self.start_step is not None:
-            _check_steps("start_step", self.start_step)
+        if self.start_step is not None and (not isinstance(self.start_step, int)
+                                            or isinstance(self.start_step, bool)):  # negative: re-warm
+            raise ValueError(f"learning-rate schedule: start_step must be a whole number, got {self.start_step!r}")
         if self.cooldown not in COOLDOWNS:
             raise ValueError(f"infinite schedule: cooldown must be one of {COOLDOWNS}, got {self.cooldown!r}")
         if self.constant_value > self.peak_value:
@@ -234,9 +235,8 @@ def infinite_schedule(peak_value: float, warmup_steps: int, cooldown_steps: int,
     """The infinite schedule (see `InfiniteSchedule` for its phases and the module docstring for
     continual pretraining). anneal_start=None keeps the constant forever (the main run); the
     anneal is then branched off a checkpoint with `.branch_anneal(step, anneal_steps, end_value)`.
-    start_step offsets the step counter (a params-only continuation whose step restarts at 0);
-    None lets `ul2lab train` choose it from INITIAL_CHECKPOINT_PATH (re-warm unless that run used
-    this schedule).
+    start_step shifts the step counter: -S re-warms parameters whose checkpoint is at step S; None
+    lets `ul2lab train` choose (re-warm unless INITIAL_CHECKPOINT_PATH's run used this schedule).
     """
     return InfiniteSchedule(peak_value, warmup_steps, cooldown_steps, constant_value, anneal_start,
                             anneal_steps, end_value, cooldown, start_step)

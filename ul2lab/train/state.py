@@ -1,5 +1,6 @@
 """The TrainState's layout on the mesh, and where a run's state comes from: a restored step of
-MODEL_DIR, INITIAL_CHECKPOINT_PATH's parameters, or a fresh random init.
+MODEL_DIR, INITIAL_CHECKPOINT_PATH's parameters (the step continuing from that checkpoint's, as in
+t5x), or a fresh random init.
 
 `build_step` is the one place the jitted step and its layouts are made from a model, optimizer and
 mesh: the trainer runs it, ul2lab.train.memory compiles it from shapes alone.
@@ -91,12 +92,15 @@ def restore_or_init(config: TrainConfig, ckpt, optimizer, abstract_state, state_
             nonfinite_streak=jax.device_put(np.zeros((), np.int32), state_shardings.nonfinite_streak))
         print(f"resuming {config.model_dir} at step {step}", flush=True)
         return state, run
-    init = jax.jit(lambda params: step_lib.init_state(config.model, optimizer, config.seed, params),
-                   out_shardings=state_shardings)
     if config.initial_checkpoint_path:
+        # as t5x: the parameters and the step counter continue (TRAIN_STEPS is absolute); the optimizer starts new
+        init = jax.jit(lambda params, step: step_lib.init_state(config.model, optimizer, config.seed, params
+                                                                ).replace(step=step),
+                       out_shardings=state_shardings)
         params, from_step = checkpoints.restore_params(config.initial_checkpoint_path, abstract_state.params)
-        print(f"starting from the parameters of {config.initial_checkpoint_path} (step {from_step})", flush=True)
-        return init(params), None
+        print(f"starting from the parameters of {config.initial_checkpoint_path} at its step {from_step}",
+              flush=True)
+        return init(params, np.asarray(from_step, np.int32)), None
     return new_state_fn(config.model, config.seed, optimizer, state_shardings)(), None
 
 
@@ -106,7 +110,9 @@ def new_state_fn(model_config: T5Config, seed: int, optimizer, state_shardings):
                    out_shardings=state_shardings)
 
 
-def run_record(state, config: TrainConfig, data_batches: int) -> dict:
+def run_record(state, config: TrainConfig, data_batches: int, initial_step: int = 0) -> dict:
+    """What a checkpoint records beside the arrays; initial_step (the step the run started at) keeps
+    TRAIN_STEPS_RELATIVE's end fixed across resumes, seed keeps RANDOM_SEED=None's draw."""
     return {"step": int(state.step), "rng": np.asarray(jax.device_get(state.rng)).tolist(),
             "mixture_or_task_name": config.mixture_or_task_name, "data_batches": data_batches,
-            "batch_size": config.batch_size}
+            "batch_size": config.batch_size, "initial_step": int(initial_step), "seed": config.seed}
