@@ -145,7 +145,7 @@ def restore_params_into_tiny(build):
         from ul2lab.models import network
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                           network.abstract_params(preset("tiny")))
-        return checkpoints.restore_params(build(tmp_path), abstract)
+        return checkpoints.load_params(build(tmp_path), abstract_params=abstract)
     return make
 
 

@@ -108,6 +108,11 @@ def test_kill_9_after_first_checkpoint_resumes_exactly(uninterrupted, cache_dir,
     kill_after = random.Random(os.getpid()).randint(3, 6)  # any step after the first checkpoint (2)
     child = start_child(tmp_path, cache_dir, seconds_per_batch=0.4)
     wait_for_step(child, str(tmp_path), kill_after)
+    # batches are drawn ahead of the steps, so step 2's asynchronous save may still be running: the
+    # kill is meant to land after it
+    deadline = time.time() + 120
+    while not finished_steps(tmp_path) and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait(30)
     child.stdout.close()
@@ -215,8 +220,8 @@ def test_consecutive_non_finite_steps_stop_the_run_with_the_last_good_state(unin
     assert message.startswith("training stopped at step 5: the loss or gradients were non-finite")
     assert "since step 3 (3 in a row" in message and "the last good state, that of step 2" in message
     assert finished_steps(tmp_path) == [5]
-    _, saved = checkpoints.load_params(str(tmp_path))
-    _, good = checkpoints.load_params(source, step=2)  # the uninterrupted run after step 2
+    _, saved, _ = checkpoints.load_params(str(tmp_path))
+    _, good, _ = checkpoints.load_params(source, step=2)  # the uninterrupted run after step 2
     jax.tree_util.tree_map(np.testing.assert_array_equal, saved, good)
 
 
