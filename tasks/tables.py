@@ -43,12 +43,26 @@ import tensorflow as tf
 from ul2lab.data import linearize as lin
 from ul2lab.data import metrics
 from ul2lab.data import objectives
+from ul2lab.data import pipeline
 from ul2lab.data import table_objectives
 from ul2lab.data import tables
 from ul2lab.data import vocab as vocab_lib
 from ul2lab_tasks import text as text_tasks  # registers embedded_text_ul2; shares its features
 
 SKIPPED = collections.Counter()  # examples and table files dropped, by reason (process-wide)
+pipeline.register_drop_counter(lambda: SKIPPED, {
+    "question_and_header_over_budget": (
+        "every question with its table's header is longer than the inputs length allows "
+        "(linearize_question_and_table: question_and_header_over_budget)",
+        "raise TASK_FEATURE_LENGTHS['inputs'], or lower ul2lab.LinearizeConfig.max_cell_tokens"),
+    "skipped_files": ("none of its table files can be read (empty, binary or not UTF-8; SKIPPED['skipped_files'])",
+                      "check the table files under the task's directory"),
+    "wikitq_missing_table": ("the table files its questions name are missing", "check the data directory"),
+    "tabfact_missing_table": ("the table files its statements name are missing", "check the data directory"),
+    "jsonl_missing_table": ("the table files its lines name are missing", "check the table_file paths"),
+    "jsonl_malformed_line": ("its lines lack question, table or answers", "check the .jsonl file"),
+    "wikitq_malformed_line": ("its question lines are malformed", "check the question .tsv file"),
+})
 ANSWER_SEPARATOR = ", "
 TABFACT_LABELS = ("refuted", "entailed")  # TabFact label 0, 1
 
@@ -165,7 +179,7 @@ def register_table_corpus_task(name: str = gin.REQUIRED, directory: str = gin.RE
     files under `directory`, e.g. in a run file:
       ul2lab.register_table_corpus_task.name = "wikitq_tables"
       ul2lab.register_table_corpus_task.directory = "/data/wikitq/csv"
-      train/DatasetConfig.mixture_or_task_name = @ul2lab.register_table_corpus_task()
+      MIXTURE_OR_TASK_NAME = @ul2lab.register_table_corpus_task()
     Unreadable files are skipped, logged and counted in SKIPPED["skipped_files"]. WikiTQ's full
     release keeps each table as .csv, .tsv and .table: pass patterns=("**/*.csv",) there."""
     source = table_corpus_source(lambda: tables.iter_tables(directory, patterns, stats=SKIPPED))

@@ -8,10 +8,10 @@
                      32k vocabulary; real scale, never read by the tests.
   local_text_task(name, file_patterns, ...)
                      registers (and returns) the same pretraining on your .txt / .jsonl files;
-                     gin-configurable, e.g. in a run file:
+                     gin-configurable, e.g. in a run file (a Task may stand for its name, as in t5x):
                        ul2lab.local_text_task.name = "my_text_ul2"
                        ul2lab.local_text_task.file_patterns = ["/data/text/*.jsonl"]
-                       train/DatasetConfig.mixture_or_task_name = @ul2lab.local_text_task()
+                       MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()
 
 Every task reads documents into "targets" and runs
   tokenize → (cache placeholder) → mixture_of_denoisers → append_eos_after_trim,

@@ -6,9 +6,10 @@ Composes the data floor (the seqio task's batches, ul2lab.data.pipeline) with th
 """
 import dataclasses
 import os
+import shutil
 import sys
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import gin
 import jax
@@ -43,11 +44,15 @@ def start_hosts(coordinator_address: Optional[str] = None, num_processes: Option
 
 
 def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_paths: str = ""):
-    """Parse gin files + bindings and build the TrainConfig (a UserError for any mistake)."""
+    """Parse gin files + bindings and build the TrainConfig (a UserError for any mistake). The task
+    modules are imported first, so gin files may call their configurables
+    (`MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()`); a Task or Mixture stands for its name."""
+    task_modules.import_task_modules()
     config = gin_config.load_config(
         "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
         missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
                      "them with --gin.")
+    config = dataclasses.replace(config, mixture_or_task_name=task_modules.task_name(config.mixture_or_task_name))
     if not isinstance(config.model, T5Config):
         raise UserError("TrainConfig.model is not a model config: include a model gin file, e.g. "
                         "--gin_file=gin/models/t5_1_1_small.gin")
@@ -61,21 +66,26 @@ def train_from_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), searc
     return exit_code(train_task(load_train_config(gin_files, bindings, search_paths)))
 
 
-def check(config: TrainConfig) -> Optional[str]:
-    """Every check of a run before any work (settings, mesh, MODEL_DIR, the task and its vocabulary);
-    returns the vocabulary's model file. A ConfigError names the problem."""
+def check(config: TrainConfig) -> Tuple[Optional[str], int]:
+    """Every check of a run before any work (settings, mesh, MODEL_DIR, the task, its vocabulary, and
+    that it yields examples at these lengths); returns (the vocabulary's model file, its extra ids).
+    A ConfigError names the problem."""
     train_config.check(config)
     task_modules.import_task_modules()
     try:
-        return pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        vocabulary = pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
+        print(f"checking that {config.mixture_or_task_name} yields examples at TASK_FEATURE_LENGTHS "
+              f"{dict(config.task_feature_lengths)} (reads the first records of each task)", flush=True)
+        pipeline.check_yields_examples(config.mixture_or_task_name, config.task_feature_lengths, seed=config.seed)
+        return vocabulary
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(" ".join(str(e).strip("'\"").split())) from None
 
 
 def train_task(config: TrainConfig, note: str = "") -> dict:
     """Check everything, write MODEL_DIR/config.gin, train on the config's seqio task or mixture.
     Bad input never touches MODEL_DIR. Returns the trainer's result."""
-    vocab_path = check(config)
+    vocab_path, extra_ids = check(config)
 
     def write_gin():
         os.makedirs(config.model_dir, exist_ok=True)
@@ -86,12 +96,16 @@ def train_task(config: TrainConfig, note: str = "") -> dict:
         print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
               f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
 
-    return loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, on_checked=write_gin)
+    return loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, extra_ids=extra_ids,
+                      on_checked=write_gin)
 
 
 def exit_code(result: dict) -> int:
-    """0 when the run reached TRAIN_STEPS; PREEMPTED_EXIT_CODE (143) when SIGTERM stopped it after saving."""
-    return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+    """0 when the run reached TRAIN_STEPS; 128 + the signal when SIGTERM (PREEMPTED_EXIT_CODE, 143) or
+    Ctrl-C (130) stopped it after saving, as a shell reports a process ended by that signal."""
+    if not result.get("preempted"):
+        return 0
+    return 128 + result["stop_signal"] if result.get("stop_signal") else PREEMPTED_EXIT_CODE
 
 
 def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, anneal_steps: Optional[int] = None,
@@ -122,10 +136,19 @@ def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, ann
     config = dataclasses.replace(config, model_dir=new, learning_rate=branch,
                                  train_steps=step + branch.anneal_steps)
     check(config)
+    existed = os.path.exists(new)
     checkpoints.copy_step(main, new, step)
     note = (f"# anneal branch of {main} at step {step}: infinite_schedule.anneal_start={branch.anneal_start} "
             f"anneal_steps={branch.anneal_steps} end_value={branch.end_value} (set by `ul2lab anneal`)")
-    return exit_code(train_task(config, note))
+    try:
+        return exit_code(train_task(config, note))
+    except checkpoints.CorruptCheckpointError as e:
+        # the copy is of a damaged step: take it away again, and name the main run's step
+        if jax.process_index() == 0:
+            shutil.rmtree(new) if not existed else shutil.rmtree(os.path.join(new, str(step)), ignore_errors=True)
+        others = [s for s in available if s != step]
+        raise UserError(f"step {step} of {main} cannot be annealed: {str(e).replace(new, main)}"
+                        + (f"; branch from another step (--step, it has {others})" if others else "")) from None
 
 
 def demo(model_dir: str = "ul2lab_demo", train_steps: Optional[int] = None, gin_files: Sequence[str] = (),
