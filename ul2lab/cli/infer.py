@@ -34,8 +34,10 @@ def add_parser(subparsers):
     p.add_argument("--input_file", help='jsonl, one {"inputs": ..., "targets": ...} per line')
     p.add_argument("--output_file", help="jsonl written here, one line per input line")
     p.add_argument("--mode", choices=("predict", "score"),
-                   help="predict (default) or score: log-likelihood of each line's whole targets (never truncated)")
+                   help="predict (default) or score: log-likelihood of each line's targets")
     p.add_argument("--max_input_length", type=int, help="inputs are truncated to this (EOS included; default 512)")
+    p.add_argument("--max_target_length", type=int,
+                   help="score mode: targets are truncated to this (EOS included; default 512)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace --output_file if it exists")
     p.set_defaults(func=run_infer)
 

@@ -3,16 +3,16 @@
     import_hf(hf_dir, output_dir)          HF T5 / Flan-T5 / mT5 / UL2 -> ul2lab checkpoint
     export_hf(checkpoint_dir, output_dir)  ul2lab checkpoint -> HF T5ForConditionalGeneration
 
-An imported checkpoint is a params-only orbax step 0 plus config.json (model config and
-vocabulary path), so training (INITIAL_CHECKPOINT_PATH), evaluation and export need no gin.
+An imported checkpoint is a params-only orbax step 0 plus config.json (model config) and the
+vocabulary (spiece.model), so training (INITIAL_CHECKPOINT_PATH), evaluation and export need no gin,
+and the directory can be copied anywhere.
 """
 import os
-import shutil
 from typing import Optional
 
 from ul2lab.errors import UserError
 from ul2lab.interop import hf
-from ul2lab.train import checkpoints
+from ul2lab.train import checkpoints, integrity
 
 
 def import_hf(hf_dir: str, output_dir: str, vocab_path: Optional[str] = None, overwrite: bool = False) -> str:
@@ -26,17 +26,14 @@ def import_hf(hf_dir: str, output_dir: str, vocab_path: Optional[str] = None, ov
                         "or choose another --output_dir")
     if vocab_path is not None and "://" not in vocab_path and not os.path.isfile(vocab_path):
         raise UserError(f"--vocab_path {vocab_path} does not exist; pass a SentencePiece .model file")
-    if vocab_path is not None and "://" not in vocab_path:
-        vocab_path = os.path.abspath(vocab_path)
     hf_vocab = os.path.join(hf_dir, hf.SPM_FILE)
-    # keep the checkpoint self-contained: an HF cache snapshot may be deleted later
-    copy_vocab = vocab_path is None and os.path.isfile(hf_vocab)
-    if copy_vocab:
-        vocab_path = os.path.join(out, hf.SPM_FILE)
+    if vocab_path is None and os.path.isfile(hf_vocab):
+        vocab_path = hf_vocab  # copied into the checkpoint (an HF cache snapshot may be deleted later)
     config, params = hf.load(hf_dir)
+    bad = integrity.problems({"params": params})
+    if bad:
+        raise hf.HFFormatError(f"{hf_dir} cannot be imported: {'; '.join(bad)}; download the model again")
     checkpoints.save_params(out, params, config, step=0, vocab_path=vocab_path, overwrite=overwrite)
-    if copy_vocab:
-        shutil.copyfile(hf_vocab, vocab_path)
     print(f"imported {hf_dir} -> {out} ({config.num_encoder_layers}+{config.num_decoder_layers} layers, "
           f"d_model {config.emb_dim}, vocabulary {vocab_path or 'none recorded'})")
     return out
@@ -50,9 +47,10 @@ def export_hf(checkpoint_dir: str, output_dir: str, vocab_path: Optional[str] = 
     if hf.holds_hf_model(output_dir) and not overwrite:  # before reading params
         raise hf.HFFormatError(f"{output_dir} already holds a Hugging Face model; pass --overwrite "
                                "to replace it, or choose another --output_dir")
-    config, params = checkpoints.load_params(checkpoint_dir, step)
-    vocab_path = vocab_path or payload.get("vocab_path")
-    hf.save(config, params, output_dir, vocab_path=vocab_path, overwrite=overwrite)
+    vocab_path = vocab_path or checkpoints.vocabulary_path(checkpoint_dir, payload)  # before reading params
+    config, params, _ = checkpoints.load_params(checkpoint_dir, step)  # checked against the step's checksums
+    hf.save(config, params, output_dir, vocab_path=vocab_path, overwrite=overwrite,
+            extra_ids=payload.get("extra_ids", 100))
     print(f"exported {checkpoint_dir} -> {output_dir}"
           f"{' with tokenizer' if vocab_path else ' (no vocabulary recorded: no tokenizer files)'}")
     return output_dir

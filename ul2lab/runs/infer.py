@@ -1,14 +1,15 @@
 """`ul2lab infer`'s work: a checkpoint's predictions (greedy, beam, sampling) or scores for a jsonl file.
 
 Input lines are JSON objects with "inputs" (and "targets" in score mode) as text, tokenized with
-the checkpoint's vocabulary (config.json "vocab_path") plus EOS, as seqio's T5 tasks do. Each
-output line is the input object plus "prediction" and "score" (predict: the log-likelihood of the
-prediction) or "score" (score: the log-likelihood of "targets", EOS included).
+the checkpoint's vocabulary (its spiece.model, see checkpoints.vocabulary_path) plus EOS, as seqio's
+T5 tasks do. Each output line is the input object plus "prediction" and "score" (predict: the
+log-likelihood of the prediction) or "score" (score: the log-likelihood of "targets", EOS included;
+targets longer than max_target_length are truncated, with a note).
 """
 import json
 import os
 import sys
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Sequence
 
 import jax
 import numpy as np
@@ -21,21 +22,27 @@ from ul2lab.models.special_ids import EOS_ID, PAD_ID
 from ul2lab.runs.settings import DecodeSettings, InferConfig
 from ul2lab.train import checkpoints
 
+# SentencePiece pieces are at most 16 characters long (its max_piece_length), so a text's first
+# N tokens lie within its first 16 * N characters
+MAX_CHARS_PER_TOKEN = 16
 
-def load_checkpoint(checkpoint_dir: str, step=None):
-    """(config, params, seqio vocabulary) of a checkpoint directory, or a UserError saying what is missing."""
-    try:
-        config, payload = checkpoints.read_config(checkpoint_dir)
-        config, params = checkpoints.load_params(checkpoint_dir, step)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    vocab_path = payload.get("vocab_path")
-    if not vocab_path:
+
+def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True):
+    """(config, params, seqio vocabulary or None) of a checkpoint directory (the params checked
+    against their checksums), or a UserError saying what is missing or damaged. The vocabulary is
+    looked up first, so a missing one fails before the params are read."""
+    _, payload = checkpoints.read_config(checkpoint_dir)
+    vocab = None
+    vocab_path = checkpoints.vocabulary_path(checkpoint_dir, payload) if need_vocabulary else None
+    if vocab_path is not None:
+        vocab = seqio.SentencePieceVocabulary(vocab_path, extra_ids=payload.get("extra_ids", 100))
+    elif need_vocabulary:
         raise UserError(f"{checkpoint_dir}/config.json has no vocab_path; set it to the SentencePiece .model "
                         "the model was trained with")
-    if "://" not in vocab_path and not os.path.isfile(vocab_path):
-        raise UserError(f"vocabulary {vocab_path} (vocab_path in {checkpoint_dir}/config.json) does not exist")
-    vocab = seqio.SentencePieceVocabulary(vocab_path, extra_ids=payload.get("extra_ids", 100))
+    try:
+        config, params, _ = checkpoints.load_params(checkpoint_dir, step)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     return config, params, vocab
 
 
@@ -62,15 +69,17 @@ def _read_jsonl(path: str, need_targets: bool) -> List[dict]:
     return rows
 
 
-def _tokenize(vocab, texts: Sequence[str], max_length: Optional[int] = None) -> List[List[int]]:
-    """Token ids + EOS, truncated (with a note on stderr) to max_length when given."""
-    ids = [list(vocab.encode(t)) + [EOS_ID] for t in texts]
-    if max_length is None:
-        return ids
+def _tokenize(vocab, texts: Sequence[str], max_length: int, what: str = "inputs",
+              flag: str = "--max_input_length") -> List[List[int]]:
+    """Token ids + EOS, truncated (with one note on stderr) to max_length. Texts are cut to
+    MAX_CHARS_PER_TOKEN characters per allowed token first, so a 100k-character line costs no more
+    than its first max_length tokens."""
+    limit = MAX_CHARS_PER_TOKEN * (max_length + 1)
+    ids = [list(vocab.encode(t[:limit])) + [EOS_ID] for t in texts]
     truncated = sum(len(x) > max_length for x in ids)
     if truncated:
-        print(f"note: {truncated} of {len(ids)} inputs are longer than {max_length} tokens and were "
-              "truncated (raise --max_input_length to keep them whole)", file=sys.stderr)
+        print(f"note: {truncated} of {len(ids)} {what} are longer than {max_length} tokens and were "
+              f"truncated (raise {flag} to keep them whole)", file=sys.stderr)
     return [x[:max_length - 1] + [EOS_ID] if len(x) > max_length else x for x in ids]
 
 
@@ -114,7 +123,8 @@ def infer(settings: InferConfig) -> int:
     config, params, vocab = load_checkpoint(settings.checkpoint_path, settings.step)
 
     inputs = _tokenize(vocab, [r["inputs"] for r in rows], settings.max_input_length)
-    targets = _tokenize(vocab, [r["targets"] for r in rows]) if score_mode else None  # scored whole
+    targets = _tokenize(vocab, [r["targets"] for r in rows], settings.max_target_length, "targets",
+                        "--max_target_length") if score_mode else None
     # one padded shape for the whole file: one compilation
     input_length = max(len(ids) for ids in inputs)
     target_length = max(len(ids) for ids in targets) if score_mode else None

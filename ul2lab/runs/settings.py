@@ -34,6 +34,7 @@ class InferConfig(DecodeSettings):
     output_file: str                # jsonl written here, one line per input line
     mode: str = "predict"           # "predict" | "score" (log-likelihood of each line's whole targets)
     max_input_length: int = 512     # inputs are truncated to this (EOS included)
+    max_target_length: int = 512    # score mode: targets are truncated to this (EOS included)
     overwrite: bool = False         # replace output_file if it exists
 
 
@@ -76,6 +77,7 @@ def check_settings(settings: DecodeSettings):
             ("batch_size", lambda v: v >= 1, "a positive number"),
             ("max_decode_length", lambda v: v >= 1, "a positive number"),
             ("max_input_length", lambda v: v >= 2, "at least 2"),
+            ("max_target_length", lambda v: v >= 1, "a positive number"),
             ("beam_size", lambda v: v >= 1, "1 (greedy) or more"),
             ("alpha", lambda v: v >= 0, "0 (no length penalty) or a positive number"),
             ("temperature", lambda v: v >= 0, "0 (greedy) or a positive number"),

@@ -17,3 +17,8 @@ def import_task_modules(modules: Sequence[str] = ()):
         except Exception as e:  # noqa: BLE001  any failure of the user's module is theirs to see in one line
             raise UserError(f"task module {module!r} could not be imported ({type(e).__name__}: "
                             f"{' '.join(str(e).split())}); check the module name and that it is on PYTHONPATH") from None
+
+
+def task_name(mixture_or_task) -> str:
+    """A seqio Task or Mixture given where a name is expected (t5x accepts both): its name."""
+    return getattr(mixture_or_task, "name", mixture_or_task)
