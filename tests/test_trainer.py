@@ -137,3 +137,20 @@ def test_missing_task_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match="MIXTURE_OR_TASK_NAME"):
         trainer.train(make_config(tmp_path, mixture_or_task_name=""), synthetic_batches())
     assert os.listdir(tmp_path) == []
+
+
+def test_a_resumed_run_compiles_the_train_step_once(tmp_path, caplog):
+    """The restored `step` is placed with its sharding: an unsharded one made every resume compile
+    the train step twice (once for the restored state, again for the state the first step returns)."""
+    import logging
+    trainer.train(make_config(tmp_path, train_steps=3, async_checkpoints=False), synthetic_batches())
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            result = trainer.train(make_config(tmp_path, train_steps=6, async_checkpoints=False), synthetic_batches())
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert result["step"] == 6 and result["history"][0]["step"] == 4
+    compiles = [r.getMessage() for r in caplog.records
+                if "train_step" in r.getMessage() and r.getMessage().lstrip().startswith("Compiling")]
+    assert len(compiles) == 1, compiles
