@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from ul2lab import cli
+from ul2lab.cli import main as cli
 from ul2lab.models.config import preset
 from ul2lab.runs import train as train_run
 from ul2lab.train import loop as trainer

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from test_trainer import make_config, synthetic_batches
-from ul2lab import cli
+from ul2lab.cli import main as cli
 from ul2lab.models.config import preset
 from ul2lab.models.network import init_params
 from ul2lab.train import checkpoints, integrity
