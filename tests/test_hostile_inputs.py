@@ -301,6 +301,23 @@ def gin_file(text, *bindings):
     return make
 
 
+def docstring_example(name, files):
+    """The gin example of tasks/text.py's docstring, on files under tmp_path."""
+    def make(tmp_path, request):
+        import seqio
+        write(tmp_path, files)
+        try:
+            vocabulary = request.getfixturevalue("tiny_vocabulary").sentencepiece_model_file
+            return gin_file(f"ul2lab.local_text_task.name = '{name}'\n"
+                            f"ul2lab.local_text_task.file_patterns = ['{tmp_path}/*.jsonl']\n"
+                            f"ul2lab.local_text_task.vocabulary = '{vocabulary}'\n"
+                            "MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()\n")(tmp_path, request)
+        finally:
+            if name in seqio.TaskRegistry.names():
+                seqio.TaskRegistry.remove(name)
+    return make
+
+
 def score_targets(length):
     def make(tmp_path, request):
         from ul2lab.runs import infer
@@ -472,11 +489,10 @@ CASES = [
      raises(UserError, r"gin: a bracket or string is never closed")),
     ("config_gin_imports_a_missing_module", gin_file("import no_such_module_xyz\n"),
      raises(UserError, r"gin: a gin file imports a module that cannot be imported .*no_such_module_xyz")),
-    ("config_task_docstring_example", gin_file(
-        "ul2lab.local_text_task.name = 'hostile_docstring_task'\n"
-        "ul2lab.local_text_task.file_patterns = ['/data/text/*.jsonl']\n"
-        "MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()\n"),
+    ("config_task_docstring_example", docstring_example("hostile_docstring_task", {"d.jsonl": '{"text": "words"}\n'}),
      passes(lambda config, _: config.mixture_or_task_name == "hostile_docstring_task")),
+    ("config_task_of_missing_files", docstring_example("hostile_docstring_missing", {}),
+     raises(UserError, r"gin: no file matches '{tmp}/\*.jsonl'")),
     ("vocab_jsonl_without_the_text_field", vocab_from_jsonl_without_field,
      raises(UserError, r"{tmp}/d.jsonl:1 has no field 'text' .*pass --jsonl_field naming")),
 ]

@@ -48,10 +48,14 @@ def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_
     modules are imported first, so gin files may call their configurables
     (`MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()`); a Task or Mixture stands for its name."""
     task_modules.import_task_modules()
-    config = gin_config.load_config(
-        "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
-        missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
-                     "them with --gin.")
+    try:
+        config = gin_config.load_config(
+            "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
+            missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
+                         "them with --gin.")
+    except (FileNotFoundError, KeyError) as e:  # a task configurable the gin files call, e.g. files missing
+        lines = str(e).strip("'\"").splitlines()
+        raise UserError(f"gin: {lines[0] if lines else type(e).__name__}") from None
     config = dataclasses.replace(config, mixture_or_task_name=task_modules.task_name(config.mixture_or_task_name))
     if not isinstance(config.model, T5Config):
         raise UserError("TrainConfig.model is not a model config: include a model gin file, e.g. "
