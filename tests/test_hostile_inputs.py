@@ -311,7 +311,7 @@ def docstring_example(name, files):
             return gin_file(f"ul2lab.local_text_task.name = '{name}'\n"
                             f"ul2lab.local_text_task.file_patterns = ['{tmp_path}/*.jsonl']\n"
                             f"ul2lab.local_text_task.vocabulary = '{vocabulary}'\n"
-                            "MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()\n")(tmp_path, request)
+                            "MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()\n", "TRAIN_STEPS = 10")(tmp_path, request)
         finally:
             if name in seqio.TaskRegistry.names():
                 seqio.TaskRegistry.remove(name)
