@@ -71,8 +71,11 @@ def test_read_only_commands_refuse_corrupted_bytes_in_one_line(trained_run, comm
     }[command]
     capsys.readouterr()
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
+    captured = capsys.readouterr().err
+    assert "Traceback" not in captured, captured
+    errors = [line for line in captured.splitlines() if line.startswith("ul2lab ")]  # not library log lines
+    assert len(errors) == 1, captured
+    err = errors[0]
     assert f"{run}/6 is corrupt" in err, err
     assert "does not match the checksum" in err, err
     # nothing was written
