@@ -50,6 +50,7 @@ import tensorflow as tf
 from ul2lab.data import linearize as lin
 from ul2lab.data import metrics
 from ul2lab.data import objectives
+from ul2lab.data import pipeline
 from ul2lab.data import table_files
 from ul2lab.data import table_objectives
 from ul2lab.data import tables
@@ -57,6 +58,19 @@ from ul2lab.data import vocab as vocab_lib
 from ul2lab_tasks import text as text_tasks  # registers embedded_text_ul2; shares its features
 
 SKIPPED = collections.Counter()  # examples and table files dropped, by reason (process-wide)
+pipeline.register_drop_counter(lambda: SKIPPED, {
+    "question_and_header_over_budget": (
+        "every question with its table's header is longer than the inputs length allows "
+        "(linearize_question_and_table: question_and_header_over_budget)",
+        "raise TASK_FEATURE_LENGTHS['inputs'], or lower ul2lab.LinearizeConfig.max_cell_tokens"),
+    "skipped_files": ("none of its table files can be read (empty, binary or not UTF-8; SKIPPED['skipped_files'])",
+                      "check the table files under the task's directory"),
+    "wikitq_missing_table": ("the table files its questions name are missing", "check the data directory"),
+    "tabfact_missing_table": ("the table files its statements name are missing", "check the data directory"),
+    "jsonl_missing_table": ("the table files its lines name are missing", "check the table_file paths"),
+    "jsonl_malformed_line": ("its lines lack question, table or answers", "check the .jsonl file"),
+    "wikitq_malformed_line": ("its question lines are malformed", "check the question .tsv file"),
+})
 ANSWER_SEPARATOR = ", "
 TABFACT_LABELS = ("refuted", "entailed")  # TabFact label 0, 1
 

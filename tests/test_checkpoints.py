@@ -59,7 +59,7 @@ def test_restore_into_another_optimizer_is_a_clear_error(tmp_path):
 def test_params_only_checkpoint_loads_into_a_run_and_mismatches_are_named(tmp_path):
     params, _ = small_state(3)
     checkpoints.save_params(str(tmp_path), params, preset("tiny"), step=0)
-    restored, step = checkpoints.restore_params(str(tmp_path), abstract(params))
+    _, restored, step = checkpoints.load_params(str(tmp_path), abstract_params=abstract(params))
     assert step == 0
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
     checkpoints.check_same_model(str(tmp_path), preset("tiny", dropout_rate=0.3))  # not a shape change
@@ -68,4 +68,4 @@ def test_params_only_checkpoint_loads_into_a_run_and_mismatches_are_named(tmp_pa
     wrong = {"encoder": {"kernel": jax.ShapeDtypeStruct((5, 3), np.float32)},
              "scale": jax.ShapeDtypeStruct((3,), np.float32)}
     with pytest.raises(checkpoints.CheckpointError, match="do not fit this model"):
-        checkpoints.restore_params(str(tmp_path), wrong)
+        checkpoints.load_params(str(tmp_path), abstract_params=wrong)

@@ -358,7 +358,9 @@ def test_export_writes_tokenizer_that_transformers_loads_offline(hf_dirs, tmp_pa
     (source / hf.SPM_FILE).write_bytes((tmp_path / "sp.model").read_bytes())
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "exported")
     assert main(["import-hf", "--hf_dir", str(source), "--output_dir", ckpt]) == 0
-    assert checkpoints.read_config(ckpt)[1]["vocab_path"] == os.path.join(ckpt, hf.SPM_FILE)
+    # the vocabulary is copied into the checkpoint and recorded by that name: the directory is portable
+    assert checkpoints.read_config(ckpt)[1]["vocab_path"] == hf.SPM_FILE
+    assert (tmp_path / "ckpt" / hf.SPM_FILE).read_bytes() == (tmp_path / "sp.model").read_bytes()
     assert main(["export-hf", "--checkpoint_dir", ckpt, "--output_dir", out]) == 0
     assert {hf.SPM_FILE, "tokenizer_config.json"} <= set(os.listdir(out))
 
@@ -367,9 +369,33 @@ def test_export_writes_tokenizer_that_transformers_loads_offline(hf_dirs, tmp_pa
     assert len(ids) > 10 and max(ids) > 3
     assert tokenizer(sentence).input_ids == ids + [1]  # T5 appends EOS
     assert tokenizer.decode(ids) == sp.decode(ids)
-    # sentinels count down from the top, as seqio's SentencePieceVocabulary(extra_ids=100)
-    assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == 200 + 100 - 1
-    assert tokenizer.convert_tokens_to_ids("<extra_id_99>") == 200
+    # sentinels count down from the top, as seqio's SentencePieceVocabulary(extra_ids=100) adds them
+    assert tokenizer("<extra_id_0>").input_ids == [200 + 100 - 1, 1]
+    assert tokenizer("<extra_id_99>").input_ids == [200, 1]
+
+
+def test_exported_tokenizer_gives_seqio_ids_on_any_text(tmp_path):
+    """Byte fallback (accents, CJK, emoji, control characters outside the vocabulary) and sentinels:
+    transformers' own T5 conversion turned byte fallback off, so `café 😀` became <unk>s there."""
+    import seqio
+    from ul2lab.data import vocab
+    rng = np.random.RandomState(0)
+    words = ["".join(rng.choice(list("abcdefghiklmnoprstu"), rng.randint(2, 7))) for _ in range(300)]
+    vocab_path = vocab.train_sentencepiece([" ".join(rng.choice(words, 10)) for _ in range(800)], 300,
+                                           str(tmp_path / "sp"))
+    hf.write_tokenizer(vocab_path, str(tmp_path / "tok"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"), local_files_only=True)
+    seqio_vocab = seqio.SentencePieceVocabulary(vocab_path, extra_ids=100)
+    texts = ["café crème brûlée naïve Zürich", "東京 北京 서울 日本語のテキスト", "😀 🎉👍🏽 family 👨‍👩‍👧",
+             "tab\there\x01\x7f bell\x07 nul-free ￿", "<extra_id_0> fills <extra_id_1> and <extra_id_99>",
+             "x<extra_id_5>y", "  leading and   inner  spaces ", "ÅÄÖ ﬁ ① Ｆｕｌｌ"]
+    for text in texts:
+        want = [int(i) for i in seqio_vocab.encode(text)]
+        assert tokenizer(text, add_special_tokens=False).input_ids == want, text
+        assert tokenizer(text).input_ids == want + [1]  # EOS, as seqio's tasks append it
+    byte_pieces = [i for i in seqio_vocab.encode("😀") if 3 <= i < 3 + 256]
+    assert byte_pieces  # the emoji is outside this vocabulary: it is spelled in byte pieces, not <unk>
+    assert 2 not in tokenizer("café 😀 東京").input_ids
 
 
 def test_bad_vocabulary_writes_nothing(hf_dirs, tmp_path, capsys):

@@ -145,7 +145,7 @@ def restore_params_into_tiny(build):
         from ul2lab.models import network
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                           network.abstract_params(preset("tiny")))
-        return checkpoints.restore_params(build(tmp_path), abstract)
+        return checkpoints.load_params(build(tmp_path), abstract_params=abstract)
     return make
 
 
@@ -199,6 +199,153 @@ def wide_table_through_the_table_objective(tmp_path, request):
 
 def csv_bomb():
     return '"a","b"\n' + '"1","2"\n' * 1_000_000
+
+
+# ---- issue 12's classes: damaged checkpoints, tasks that yield nothing, resumes that would lose data
+
+def tiny_checkpoint(tmp_path, request, params_fn=None):
+    """A params-only checkpoint of the tiny model with the tiny vocabulary inside; its directory."""
+    import jax
+    from ul2lab.models import network
+    config = preset("tiny")
+    params = jax.jit(lambda rng: network.init_params(config, rng))(jax.random.PRNGKey(0))
+    if params_fn is not None:
+        params = params_fn(params)
+    vocab_path = str(tmp_path / "source.model")
+    with open(request.getfixturevalue("tiny_vocabulary").sentencepiece_model_file, "rb") as f:
+        (tmp_path / "source.model").write_bytes(f.read())
+    checkpoints.save_params(str(tmp_path / "ckpt"), params, config, vocab_path=vocab_path)
+    return tmp_path / "ckpt"
+
+
+def corrupted_checkpoint(tmp_path, request):
+    from test_integrity import corrupt_largest_params_file
+    path = tiny_checkpoint(tmp_path, request)
+    corrupt_largest_params_file(str(path / "0"))
+    return checkpoints.load_params(str(path))
+
+
+def nonfinite_checkpoint(tmp_path, request):
+    import jax
+    path = tiny_checkpoint(tmp_path, request, lambda params: jax.tree_util.tree_map(lambda x: x * float("nan"), params))
+    return checkpoints.load_params(str(path))
+
+
+def copied_checkpoint(tmp_path, request):
+    """A checkpoint copied elsewhere, its original vocabulary file gone: it still finds its vocabulary."""
+    import shutil
+    path = tiny_checkpoint(tmp_path, request)
+    shutil.move(str(path), str(tmp_path / "elsewhere"))
+    os.remove(tmp_path / "source.model")
+    return checkpoints.vocabulary_path(str(tmp_path / "elsewhere"))
+
+
+def checkpoint_with_replaced_vocabulary(tmp_path, request):
+    path = tiny_checkpoint(tmp_path, request)
+    (path / "spiece.model").write_bytes(b"another file")
+    return checkpoints.vocabulary_path(str(path))
+
+
+def run_record_of_batch(batch_size):
+    def make(tmp_path, request):
+        config = trainer.TrainConfig(model_dir=str(tmp_path / "run"), model=preset("tiny"),
+                                     mixture_or_task_name="synthetic", task_feature_lengths={"inputs": 32, "targets": 32},
+                                     train_steps=10, batch_size=batch_size, num_devices=1)
+        return trainer.data_position({"mixture_or_task_name": "synthetic", "data_batches": 6, "batch_size": 8,
+                                      "step": 6}, config)
+    return make
+
+
+def text_task_check(files, lengths=None):
+    """`ul2lab train`'s checks of a local_text_task over `files` (in-process; test_no_hangs runs the
+    same with a timeout that fails)."""
+    def make(tmp_path, request):
+        import seqio
+        import ul2lab_tasks.text as text_tasks
+        write(tmp_path, files)
+        name = f"hostile_{uuid.uuid4().hex[:8]}"
+        text_tasks.local_text_task(name, str(tmp_path / "*"), vocabulary=request.getfixturevalue("tiny_vocabulary"),
+                                   denoisers="T5")
+        try:
+            check_run(with_task=True, mixture_or_task_name=name, model=preset("tiny", vocab_size=1024),
+                      task_feature_lengths=lengths or {"inputs": 64, "targets": 64})(tmp_path, request)
+        finally:
+            seqio.TaskRegistry.remove(name)
+    return make
+
+
+def table_corpus_check(files):
+    def make(tmp_path, request):
+        import seqio
+        import ul2lab_tasks.tables as table_tasks
+        (tmp_path / "tables").mkdir()
+        write(tmp_path / "tables", files)
+        name = f"hostile_{uuid.uuid4().hex[:8]}"
+        mixture_name = table_tasks.register_table_corpus_task(name, str(tmp_path / "tables"),
+                                                              vocabulary=request.getfixturevalue("tiny_vocabulary"))
+        try:
+            check_run(with_task=True, mixture_or_task_name=mixture_name,
+                      model=preset("tiny", vocab_size=1024))(tmp_path, request)
+        finally:
+            seqio.MixtureRegistry.remove(mixture_name)
+            for suffix in ("_mask", "_mod"):
+                seqio.TaskRegistry.remove(name + suffix)
+    return make
+
+
+def gin_file(text, *bindings):
+    def make(tmp_path, request):
+        write(tmp_path, {"run.gin": text})
+        return train_run.load_train_config(["models/t5_1_1_tiny.gin", "runs/pretrain_ul2.gin", str(tmp_path / "run.gin")],
+                                           [f"MODEL_DIR = '{tmp_path}/run'", *bindings])
+    return make
+
+
+def docstring_example(name, files):
+    """The gin example of tasks/text.py's docstring, on files under tmp_path."""
+    def make(tmp_path, request):
+        import seqio
+        write(tmp_path, files)
+        try:
+            vocabulary = request.getfixturevalue("tiny_vocabulary").sentencepiece_model_file
+            return gin_file(f"ul2lab.local_text_task.name = '{name}'\n"
+                            f"ul2lab.local_text_task.file_patterns = ['{tmp_path}/*.jsonl']\n"
+                            f"ul2lab.local_text_task.vocabulary = '{vocabulary}'\n"
+                            "MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()\n", "TRAIN_STEPS = 10")(tmp_path, request)
+        finally:
+            if name in seqio.TaskRegistry.names():
+                seqio.TaskRegistry.remove(name)
+    return make
+
+
+def score_targets(length):
+    def make(tmp_path, request):
+        from ul2lab.runs import infer
+        return infer._tokenize(request.getfixturevalue("tiny_vocabulary"), ["word " * length], 64, "targets",  # noqa: SLF001
+                               "--max_target_length")
+    return make
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(tmp_path, request):
+    """What the atomic writer leaves when the writer itself creates 0600 files (safetensors, mkstemp)."""
+    from ul2lab import files
+    with files.atomic_path(str(tmp_path / "model.safetensors")) as tmp:
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b"weights")
+        os.close(fd)
+    return os.stat(tmp_path / "model.safetensors").st_mode & 0o777
+
+
+def vocab_from_jsonl_without_field(tmp_path, request):
+    from ul2lab.data import vocab
+    write(tmp_path, {"d.jsonl": '{"body": "some words here"}\n'})
+    return vocab.train_from_files(str(tmp_path / "d.jsonl"), 100, str(tmp_path / "v"))
 
 
 # ---- the table of cases -------------------------------------------------------------------------
@@ -309,6 +456,45 @@ CASES = [
          checkpoint_dir(params={"w": np.zeros(2, np.float32)})(tmp_path), preset("tiny", num_heads=2)),
      raises(checkpoints.CheckpointError, r"{tmp}/ckpt holds a checkpoint of another model shape "
                                          r"\(num_heads: 4 there, 2 now\)")),
+    # issue 12: damaged or moved checkpoints ----------------------------------------------------
+    ("checkpoint_bytes_corrupted_same_size", corrupted_checkpoint,
+     raises(checkpoints.CorruptCheckpointError, r"checkpoint {tmp}/ckpt/0 is corrupt: the content of params/\S+ "
+                                                r"does not match the checksum saved with it")),
+    ("checkpoint_params_nan", nonfinite_checkpoint,
+     raises(checkpoints.CorruptCheckpointError, r"checkpoint {tmp}/ckpt/0 is corrupt: .* hold NaN or inf")),
+    ("checkpoint_copied_elsewhere_without_its_vocabulary_file", copied_checkpoint,
+     passes(lambda path, tmp: path == str(tmp / "elsewhere" / "spiece.model"))),
+    ("checkpoint_vocabulary_replaced", checkpoint_with_replaced_vocabulary,
+     raises(checkpoints.CheckpointError, r"the vocabulary file {tmp}/ckpt/spiece.model is not the one {tmp}/ckpt "
+                                         r"was written with")),
+    ("checkpoint_step_that_does_not_exist",
+     lambda tmp_path, request: checkpoints.load_params(str(tiny_checkpoint(tmp_path, request)), step=7),
+     raises(checkpoints.CheckpointError, r"{tmp}/ckpt has no checkpoint at step 7; it has steps \[0\]")),
+    # issue 12: runs that never ended, or lost data -----------------------------------------------
+    ("run_empty_corpus", text_task_check({"a.txt": ""}),
+     raises(trainer.ConfigError, r"task 'hostile_\w+' \(split 'train', .*\) (has no data|produced no example)")),
+    ("run_whitespace_only_corpus", text_task_check({"a.txt": "  \n\t\n", "b.txt": "\n"}),
+     raises(trainer.ConfigError, r"produced no example from all 2 source records")),
+    ("run_tables_all_unreadable", table_corpus_check({"e.csv": "", "b.csv": b"\x00\xff\xfe", "l.csv": b"a,b\n\xe9,1\n"}),
+     raises(trainer.ConfigError, r"none of its table files can be read")),
+    ("run_resumed_with_another_batch_size", run_record_of_batch(16),
+     raises(trainer.ConfigError, r"{tmp}/run was trained with BATCH_SIZE 8 \(step 6\), this run has BATCH_SIZE 16")),
+    ("run_resumed_with_the_same_batch_size", run_record_of_batch(8), passes(lambda position, _: position == 6)),
+    ("run_score_target_of_100k_characters", score_targets(20_000),
+     passes(lambda ids, _: len(ids[0]) == 64 and ids[0][-1] == 1)),
+    ("run_exported_weights_readable_by_others", new_file_mode,
+     passes(lambda mode, _: mode == 0o666 & ~_umask())),
+    # issue 12: gin files and flags ----------------------------------------------------------------
+    ("config_gin_unbalanced_bracket", gin_file("TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': [32\n"),
+     raises(UserError, r"gin: a bracket or string is never closed")),
+    ("config_gin_imports_a_missing_module", gin_file("import no_such_module_xyz\n"),
+     raises(UserError, r"gin: a gin file imports a module that cannot be imported .*no_such_module_xyz")),
+    ("config_task_docstring_example", docstring_example("hostile_docstring_task", {"d.jsonl": '{"text": "words"}\n'}),
+     passes(lambda config, _: config.mixture_or_task_name == "hostile_docstring_task")),
+    ("config_task_of_missing_files", docstring_example("hostile_docstring_missing", {}),
+     raises(UserError, r"gin: no file matches '{tmp}/\*.jsonl'")),
+    ("vocab_jsonl_without_the_text_field", vocab_from_jsonl_without_field,
+     raises(UserError, r"{tmp}/d.jsonl:1 has no field 'text' .*pass --jsonl_field naming")),
 ]
 
 
@@ -329,4 +515,4 @@ def test_hostile_input(make, expected, tmp_path, request):
 def test_the_table_covers_every_kind_of_input():
     kinds = collections.Counter(case_id.split("_")[0] for case_id, _, _ in CASES)
     assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
-    assert set(kinds) == {"text", "table", "config", "vocab", "checkpoint"} and min(kinds.values()) >= 4
+    assert set(kinds) == {"text", "table", "config", "vocab", "checkpoint", "run"} and min(kinds.values()) >= 4

@@ -223,8 +223,8 @@ def test_consecutive_non_finite_steps_stop_the_run_with_the_last_good_state(unin
     assert message.startswith("training stopped at step 5: the loss or gradients were non-finite")
     assert "since step 3 (3 in a row" in message and "the last good state, that of step 2" in message
     assert finished_steps(tmp_path) == [5]
-    _, saved = checkpoints.load_params(str(tmp_path))
-    _, good = checkpoints.load_params(source, step=2)  # the uninterrupted run after step 2
+    _, saved, _ = checkpoints.load_params(str(tmp_path))
+    _, good, _ = checkpoints.load_params(source, step=2)  # the uninterrupted run after step 2
     jax.tree_util.tree_map(np.testing.assert_array_equal, saved, good)
 
 

@@ -103,7 +103,7 @@ def imported_fixture(tmp_path_factory):
 
 def test_t5x_test_checkpoint_maps_every_array_once(imported_fixture):
     _, out = imported_fixture
-    config, params = checkpoints.load_params(out)
+    config, params, _ = checkpoints.load_params(out)
     assert (config.num_encoder_layers, config.num_decoder_layers, config.emb_dim, config.num_heads,
             config.head_dim, config.mlp_dim, config.vocab_size) == (2, 2, 8, 4, 3, 16, 32128)
     assert config.mlp_activations == ("gelu", "linear") and not config.logits_via_embedding
@@ -121,7 +121,7 @@ def test_t5x_test_checkpoint_logits_equal_transformers(imported_fixture, tmp_pat
     _, out = imported_fixture
     hf_dir = str(tmp_path / "hf")
     assert main(["export-hf", "--checkpoint_dir", out, "--output_dir", hf_dir]) == 0
-    config, params = checkpoints.load_params(out)
+    config, params, _ = checkpoints.load_params(out)
     encoder, decoder_inputs, targets = _tokens(config.vocab_size)
     valid = targets != 0  # padded target positions carry no loss and are masked differently
     reference = _hf_logits(hf_dir, encoder, decoder_inputs)
@@ -144,7 +144,7 @@ def test_tensorstore_layout_imports_as_the_msgpack_one(imported_fixture, tmp_pat
         f.write(TINY_GIN)
     again = str(tmp_path / "ul2lab")
     assert main(["import-t5x", "--checkpoint_dir", step_dir, "--output_dir", again]) == 0
-    (config_a, params_a), (config_b, params_b) = checkpoints.load_params(out), checkpoints.load_params(again)
+    (config_a, params_a, _), (config_b, params_b, _) = checkpoints.load_params(out), checkpoints.load_params(again)
     assert config_a == config_b
     flat_a, flat_b = (traverse_util.flatten_dict(p, sep="/") for p in (params_a, params_b))
     assert flat_a.keys() == flat_b.keys()
@@ -194,7 +194,7 @@ def test_export_then_import_is_bit_identical(tmp_path, scan_layers):
     back = str(tmp_path / "back")
     # t5x's saved config.gin (written by export) gives the activations
     assert main(["import-t5x", "--checkpoint_dir", step_dir, "--output_dir", back]) == 0
-    imported_config, imported = checkpoints.load_params(back)
+    imported_config, imported, _ = checkpoints.load_params(back)
     assert checkpoints.all_steps(back) == [1234]
     assert imported_config == config.replace(scan_layers=False)
     flat = traverse_util.flatten_dict(imported, sep="/")
@@ -229,7 +229,7 @@ def test_scanned_t5x_checkpoint_imports_as_scan_layers(tmp_path):
     out = str(tmp_path / "ul2lab")
     assert main(["import-t5x", "--checkpoint_dir", step_dir, "--output_dir", out,
                  "--gin_file", _gin(tmp_path, "network.T5Config.mlp_activations = ('silu', 'linear')")]) == 0
-    imported_config, imported = checkpoints.load_params(out)
+    imported_config, imported, _ = checkpoints.load_params(out)
     assert imported_config.scan_layers
     ours = traverse_util.flatten_dict(imported, sep="/")
     query = ours["encoder/layers/attention/query/kernel"]
@@ -351,7 +351,7 @@ def test_mtf_checkpoint_logits_equal_transformers(tmp_path, gated):
     out = str(tmp_path / "ul2lab")
     code, err = _cli(["import-mtf", "--checkpoint_dir", str(folder), "--output_dir", out])
     assert code == 0, err
-    config, params = checkpoints.load_params(out)
+    config, params, _ = checkpoints.load_params(out)
     assert checkpoints.all_steps(out) == [1000000]
     assert config.mlp_activations == (("gelu", "linear") if gated else ("relu",))
     assert config.logits_via_embedding is (not gated)

@@ -147,7 +147,7 @@ def test_eval_period_writes_validation_loss_and_inference_metrics(evaluated_run,
         LENGTHS, split="validation", shuffle=False, num_epochs=1).take(6).as_numpy_iterator())
     assert len(batches) == 2
     for step, record in zip((2, 4), evals):
-        model, params = checkpoints.load_params(model_dir, step)
+        model, params, _ = checkpoints.load_params(model_dir, step)
         sums = [loss_lib.loss_fn(network.Transformer(model).apply(
                     {"params": params}, **{k: v for k, v in b.items() if k != "decoder_loss_weights"}), b,
                     z_loss=1e-4) for b in batches]
@@ -470,7 +470,7 @@ def test_infer_a_task_split_into_infer_output_dir(evaluated_run, tmp_path, capsy
         lines = [json.loads(line) for line in f]
     assert len(lines) == 16 and all(set(line) == {"inputs", "prediction", "score"} for line in lines)
     # the first line is the model's greedy decoding of the split's first example
-    config, params = checkpoints.load_params(model_dir)
+    config, params, _ = checkpoints.load_params(model_dir)
     example = next(seqio.get_mixture_or_task(task).get_dataset(
         {"inputs": 512, "targets": 8}, split="validation", shuffle=False).as_numpy_iterator())
     tokens, _ = decoding.predict(params, config, example["inputs"][None], 8)

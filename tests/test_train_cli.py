@@ -229,3 +229,47 @@ def test_a_data_command_on_a_cpu_machine_prints_its_error_and_nothing_else(tmp_p
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ul2lab eval: error:") and missing in lines[0], done.stderr
+
+
+def copy_of(run, tmp_path):
+    import shutil
+    shutil.copytree(run, tmp_path / "run")
+    return str(tmp_path / "run")
+
+
+def test_a_run_of_another_optimizer_is_refused_and_its_run_files_are_untouched(straight_run, tmp_path, capsys):
+    """The checks that need the restore (the optimizer state's tree) used to fail after config.gin
+    and config.json had been overwritten with the rejected settings."""
+    run = copy_of(straight_run, tmp_path)
+    before = {p: open(os.path.join(run, p), "rb").read() for p in ("config.gin", "config.json", "metrics.jsonl")}
+    assert cli.main(train_args(run, "--gin.make_optimizer.name='adamw'", steps=12)) == 2
+    assert "do not match this run's model and optimizer" in capsys.readouterr().err
+    assert {p: open(os.path.join(run, p), "rb").read() for p in before} == before
+
+
+def test_a_resume_with_another_batch_size_is_refused_unless_asked_for(straight_run, tmp_path, capsys):
+    run = copy_of(straight_run, tmp_path)
+    assert cli.main(train_args(run, "--gin.BATCH_SIZE=16", steps=12)) == 2
+    assert "was trained with BATCH_SIZE 8 (step 8), this run has BATCH_SIZE 16" in capsys.readouterr().err
+    assert checkpoints.all_steps(run)[-1] == 8
+
+
+def test_anneal_of_a_corrupted_step_is_a_one_line_error_and_leaves_nothing(straight_run, tmp_path, capsys):
+    from test_integrity import corrupt_largest_params_file
+    run = copy_of(straight_run, tmp_path)
+    corrupt_largest_params_file(os.path.join(run, "8"))
+    branch = str(tmp_path / "annealed")
+    capsys.readouterr()
+    assert cli.main(["anneal", f"--checkpoint_dir={run}", f"--output_dir={branch}", "--step=8",
+                     "--anneal_steps=4", "--end_value=0.002"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"step 8 of {run} cannot be annealed" in err and "does not match the checksum" in err, err
+    assert "\n" not in err and not os.path.exists(branch)
+
+
+def test_orphan_temporary_checkpoint_directories_are_cleaned_at_start(straight_run, tmp_path):
+    run = copy_of(straight_run, tmp_path)
+    os.makedirs(os.path.join(run, "12.orbax-checkpoint-tmp-1234"))  # what a kill during a save leaves
+    assert cli.main(train_args(run, steps=12)) == 0
+    assert not [d for d in os.listdir(run) if "orbax-checkpoint-tmp" in d]
+    assert checkpoints.all_steps(run)[-1] == 12

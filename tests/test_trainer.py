@@ -59,10 +59,11 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 def test_resume_after_sigterm_reproduces_the_uninterrupted_losses(uninterrupted, tmp_path):
     _, full = uninterrupted
-    # SIGTERM arrives while the 5th batch is drawn: step 5 finishes, is saved, and the run stops
+    # SIGTERM arrives while the 5th batch is drawn (batches are drawn a few ahead of the steps): the
+    # step in progress finishes, is saved, and the run stops
     first = trainer.train(make_config(tmp_path), synthetic_batches(sigterm_at=4))
-    assert first["step"] == 5
-    assert checkpoints.RunCheckpoints(str(tmp_path)).latest_step() == 5
+    assert 1 <= first["step"] <= 5 and first["preempted"]
+    assert checkpoints.RunCheckpoints(str(tmp_path)).latest_step() == first["step"]
     second = trainer.train(make_config(tmp_path), synthetic_batches())
     assert second["step"] == 6
     resumed = {**losses(first), **losses(second)}
@@ -84,7 +85,7 @@ def test_run_directory_holds_config_metrics_curve_and_checkpoints(uninterrupted)
     assert "tokens_per_s" in records[-1]
     assert (model_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(int(d) for d in os.listdir(model_dir) if d.isdigit()) == [3, 6]
-    _, params = checkpoints.load_params(str(model_dir))  # what export-hf reads
+    _, params, _ = checkpoints.load_params(str(model_dir))  # what export-hf reads
     assert params["encoder"]["layers_0"] if "layers_0" in params.get("encoder", {}) else params
     assert "loss 5." in full["summary"] or "loss" in full["summary"]
 
@@ -102,7 +103,7 @@ def test_eight_devices_data2_model4_match_one_device(uninterrupted, tmp_path):
 
 def test_initial_checkpoint_path_loads_params_only(uninterrupted, tmp_path):
     model_dir, full = uninterrupted
-    config, params = checkpoints.load_params(str(model_dir))
+    config, params, _ = checkpoints.load_params(str(model_dir))
     checkpoints.save_params(str(tmp_path / "imported"), params, config)  # what `import-hf` writes
     result = trainer.train(make_config(tmp_path / "run", train_steps=1, async_checkpoints=False,
                                        initial_checkpoint_path=str(tmp_path / "imported")),
@@ -138,3 +139,20 @@ def test_missing_task_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match="MIXTURE_OR_TASK_NAME"):
         trainer.train(make_config(tmp_path, mixture_or_task_name=""), synthetic_batches())
     assert os.listdir(tmp_path) == []
+
+
+def test_a_resumed_run_compiles_the_train_step_once(tmp_path, caplog):
+    """The restored `step` is placed with its sharding: an unsharded one made every resume compile
+    the train step twice (once for the restored state, again for the state the first step returns)."""
+    import logging
+    trainer.train(make_config(tmp_path, train_steps=3, async_checkpoints=False), synthetic_batches())
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            result = trainer.train(make_config(tmp_path, train_steps=6, async_checkpoints=False), synthetic_batches())
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert result["step"] == 6 and result["history"][0]["step"] == 4
+    compiles = [r.getMessage() for r in caplog.records
+                if "train_step" in r.getMessage() and r.getMessage().lstrip().startswith("Compiling")]
+    assert len(compiles) == 1, compiles

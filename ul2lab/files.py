@@ -2,12 +2,14 @@
 
 The data goes to a temporary file of a unique name beside the target (same filesystem), is
 flushed to disk, and replaces the target with one rename: a crash or a full disk leaves the old
-file whole and no temporary behind. New files get the usual permissions (umask), not mkstemp's
-0600. Imports nothing but the standard library.
+file whole and no temporary behind. A replaced file keeps its permissions; a new one gets the usual
+ones (0666 less the umask) whatever the writer used (safetensors, like mkstemp, creates 0600 files
+others cannot read). Imports nothing but the standard library.
 """
 import contextlib
 import json
 import os
+import stat
 import uuid
 from typing import Any, Iterator, Union
 
@@ -23,10 +25,17 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; set back at once
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, data: Union[str, bytes]):

@@ -46,8 +46,10 @@ def add_parser(subparsers):
                    help="a task's features are trimmed to these (default: --max_input_length, --max_decode_length)")
     _add_module_arg(p)
     p.add_argument("--mode", choices=("predict", "score"),
-                   help="predict (default) or score: log-likelihood of each line's whole targets (never truncated)")
+                   help="predict (default) or score: log-likelihood of each line's targets")
     p.add_argument("--max_input_length", type=int, help="inputs are truncated to this (EOS included; default 512)")
+    p.add_argument("--max_target_length", type=int,
+                   help="score mode: targets are truncated to this (EOS included; default 512)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace --output_file if it exists")
     p.set_defaults(func=run_infer)
 

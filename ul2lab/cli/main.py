@@ -63,6 +63,10 @@ def main(argv=None) -> int:
         command = next((a for a in argv if not a.startswith("-")), "")
         print(f"ul2lab {command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or Ctrl-C where nothing needs saving
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"ul2lab {command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

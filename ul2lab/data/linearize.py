@@ -81,6 +81,9 @@ class LinearizeConfig:
 
 
 _CACHE_SIZE = 1 << 17
+# SentencePiece's longest piece by default (max_piece_length); user-defined pieces such as
+# "▁<extra_id_99>" are shorter. Text beyond this many characters per token is never reached.
+MAX_PIECE_CHARS = 16
 _caches: dict[int, tuple[weakref.ref, collections.OrderedDict]] = {}
 
 
@@ -115,10 +118,18 @@ class _Encoder:
         return ids
 
     def cap(self, text: str, max_tokens: int) -> tuple[str, tuple[int, ...], bool]:
-        """Longest word prefix of `text` within `max_tokens` (characters when one word is too long)."""
+        """Longest word prefix of `text` within `max_tokens` (characters when one word is too long).
+
+        A token covers at most MAX_PIECE_CHARS characters, so only that many per token (plus one
+        token) can matter: a longer text (a 50 MB cell) is cut to them before it is tokenized, with
+        the same result."""
+        limit = MAX_PIECE_CHARS * (max_tokens + 2)
+        cut = len(text) > limit
+        if cut:
+            text = text[:limit]
         ids = self(text)
         if len(ids) <= max_tokens:
-            return text, ids, False
+            return text, ids, cut
         words = text.split(" ")
         keep = _largest(len(words) - 1, lambda k: len(self(" ".join(words[:k]))) <= max_tokens)
         if keep == 0:
@@ -164,6 +175,8 @@ def linearize(table: Table, vocabulary=None, max_tokens: Optional[int] = None, *
 
     # Required: the prefix (never cut) and the header (cells capped like any cell).
     question = norm(prefix)
+    if len(question) > MAX_PIECE_CHARS * (budget + 2):  # more tokens than the budget: cannot fit
+        question = question[:int(MAX_PIECE_CHARS * (budget + 2))]
     prefix_parts = [(Piece(question, PREFIX), enc(question)), separator] if question else []
     header_parts = row_parts(table.header, -1, HEADER)
     used = size(prefix_parts) + size(header_parts)

@@ -9,17 +9,23 @@ trainer saves per host in each checkpoint and restores on resume (ul2lab.data.ho
 resumed run sees exactly the batches an uninterrupted run would have, without replaying them.
 `validation_batches` are the fixed batches of t5x's training evaluation (the validation loss every
 EVAL_PERIOD steps).
+`check_yields_examples` reads the first source records of every task through its
+preprocessors, so a task whose filters drop everything is an error naming the filter and the
+setting, not a pipeline that spins forever (training repeats the source endlessly).
 """
 import difflib
 import functools
 import logging
-from typing import Callable, Dict, List, Mapping, Optional
+import re
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import seqio
 import tensorflow as tf
 
+from ul2lab.data import table_objectives, text_sources
 from ul2lab.data.host_batches import HostBatches
+from ul2lab.data.objectives import mixture
 
 
 class _DropSeqioUncachedWarning(logging.Filter):
@@ -34,6 +40,40 @@ class _DropSeqioUncachedWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_DropSeqioUncachedWarning())
 
 
+# source records a task may read without producing one example before it is declared empty
+PROBE_RECORDS = 10_000
+
+# Counters of what preprocessors drop (key -> count), and per key what it means and what to change.
+# The task modules register theirs (register_drop_counter), so the error names the filter.
+_DROP_COUNTERS: list = [lambda: mixture.SKIPPED_TEXT.counts, lambda: table_objectives.SKIPPED,
+                        lambda: text_sources.SKIPPED_INPUT]
+_DROP_REASONS: Dict[str, Tuple[str, str]] = {
+    "empty_documents": ("its documents are empty (mixture_of_denoisers counted them in empty_documents)",
+                        "check the files or source the task reads"),
+    "short_documents": ("its documents are shorter than the denoisers need at these lengths (mixture_of_denoisers: "
+                        "short_documents)", "lower TASK_FEATURE_LENGTHS, or give the task longer documents"),
+    "header_over_budget": ("every table's header alone is longer than the inputs length allows (linearize_tables: "
+                           "header_over_budget)", "raise TASK_FEATURE_LENGTHS['inputs'], or lower "
+                           "ul2lab.LinearizeConfig.max_cell_tokens"),
+    "unreadable": ("its tables cannot be decoded (linearize_tables: unreadable)", "check the table files"),
+    "malformed_jsonl_lines": ("its .jsonl lines are not JSON objects", "check the .jsonl files the task reads"),
+}
+
+
+def register_drop_counter(counts: Callable[[], Mapping[str, int]], reasons: Mapping[str, Tuple[str, str]]):
+    """Make a task module's drop counter (and what its keys mean) known to check_yields_examples."""
+    _DROP_COUNTERS.append(counts)
+    _DROP_REASONS.update(reasons)
+
+
+def _drop_counts() -> Dict[str, int]:
+    totals: Dict[str, int] = {}
+    for counts in _DROP_COUNTERS:
+        for key, value in dict(counts()).items():
+            totals[key] = totals.get(key, 0) + int(value)
+    return totals
+
+
 def get_mixture_or_task(name: str):
     """The registered seqio task or mixture `name`, or a ValueError naming close matches (import the
     modules that register tasks first: ul2lab.runs.task_modules)."""
@@ -46,13 +86,72 @@ def get_mixture_or_task(name: str):
     return seqio.get_mixture_or_task(name)
 
 
-def check_task(name: str, model_vocab_size: int) -> Optional[str]:
-    """The task's vocabulary must fit the model; returns the vocabulary's model file (for config.json)."""
+def check_task(name: str, model_vocab_size: int) -> Tuple[Optional[str], int]:
+    """The task's vocabulary must fit the model; returns (its SentencePiece model file or None, its
+    extra ids), what config.json records so a checkpoint can tokenize on its own."""
     vocabulary = get_mixture_or_task(name).output_features["targets"].vocabulary
     if vocabulary.vocab_size > model_vocab_size:
         raise ValueError(f"the vocabulary of {name!r} has {vocabulary.vocab_size} ids but the model's vocab_size "
                          f"is {model_vocab_size}; set T5Config vocab_size >= {vocabulary.vocab_size}")
-    return getattr(vocabulary, "sentencepiece_model_file", None)
+    return getattr(vocabulary, "sentencepiece_model_file", None), int(getattr(vocabulary, "extra_ids", 0) or 0)
+
+
+def check_yields_examples(name: str, task_feature_lengths: Mapping[str, int], split: str = "train",
+                          max_records: int = PROBE_RECORDS, seed: int = 0):
+    """Every task of `name` (with a rate above 0) must turn its first `max_records` source records
+    into at least one example at these lengths; else a ValueError saying which task, what its
+    filters dropped and the setting to change. Reads at most max_records records per task."""
+    provider = get_mixture_or_task(name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    lengths = dict(task_feature_lengths)
+    for task in tasks:
+        if isinstance(provider, seqio.Mixture) and _rate(provider, task) == 0:
+            continue
+        if split not in task.splits:
+            raise ValueError(f"task {task.name!r} has no {split!r} split (it has {list(task.splits)})")
+        before = _drop_counts()
+        try:
+            source = task.source.get_dataset(split=split, shuffle=False, seed=seed).take(max_records)
+            examples = task.preprocess_postcache(task.preprocess_precache(source, seed=seed),
+                                                 sequence_length=lengths, seed=seed)
+            if any(True for _ in examples.take(1)):
+                continue
+            records = int(source.reduce(0, lambda count, _: count + 1))
+        except tf.errors.OpError as e:
+            raise ValueError(f"the data of task {task.name!r} cannot be read: {_python_error(e)}") from None
+        raise ValueError(_no_examples_message(task.name, split, lengths, records, max_records, before))
+
+
+def _rate(mixture_provider, task) -> float:
+    try:
+        return float(mixture_provider.get_rate(task))
+    except (KeyError, ValueError, TypeError):
+        return 1.0
+
+
+def _no_examples_message(task: str, split: str, lengths: dict, records: int, max_records: int,
+                         before: Dict[str, int]) -> str:
+    where = f"task {task!r} (split {split!r}, TASK_FEATURE_LENGTHS {lengths})"
+    dropped = {k: v - before.get(k, 0) for k, v in _drop_counts().items() if v - before.get(k, 0) > 0}
+    known = [k for k in sorted(dropped, key=dropped.get, reverse=True) if k in _DROP_REASONS]
+    if records == 0:
+        if known:
+            what, fix = _DROP_REASONS[known[0]]
+            return f"{where} has no data: its source yields no records because {what} ({dropped[known[0]]}); {fix}"
+        return f"{where} has no data: its source yields no records; check the files or source the task reads"
+    read = f"the first {records} source records" if records >= max_records else f"all {records} source records"
+    if known:
+        what, fix = _DROP_REASONS[known[0]]
+        return f"{where} produced no example from {read}: {what}, {dropped[known[0]]} dropped; {fix}"
+    return (f"{where} produced no example from {read}: its preprocessors filtered out every one; check "
+            "TASK_FEATURE_LENGTHS and the data the task reads")
+
+
+def _python_error(error: Exception) -> str:
+    """The Python exception a tf.data op wraps (the last `SomeError: message` line), else its first line."""
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)]
+    return (raised[-1] if raised else lines[0] if lines else type(error).__name__)[:500]
 
 
 def get_dataset(name: str, task_feature_lengths: Mapping[str, int], *, use_cached: bool = False, **kwargs):

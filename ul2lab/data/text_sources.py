@@ -71,7 +71,12 @@ def expand_globs(patterns: Union[str, Sequence[str]]) -> list[str]:
 
 
 # what local_text_documents could not use as given, counted while the data is read (this process)
-SKIPPED_INPUT = collections.Counter()  # invalid_utf8_files, malformed_jsonl_lines
+SKIPPED_INPUT = collections.Counter()  # invalid_utf8_files, malformed_jsonl_lines, long_documents_split
+
+# Documents longer than this are cut into pieces of at most this many characters (at a space when
+# there is one) before tokenization: SentencePiece on one 50 MB string needs gigabytes and minutes,
+# and the denoisers cut documents into segments of a few hundred tokens anyway.
+MAX_DOCUMENT_CHARS = 100_000
 
 
 def _read_utf8(f, path: str) -> str:
@@ -120,9 +125,33 @@ def local_text_documents(patterns: Union[str, Sequence[str]], *, jsonl_field: st
             yield text
 
 
+def split_long_documents(documents, max_chars: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """The documents, each longer than max_chars cut into consecutive pieces of at most max_chars
+    (at the last whitespace of a piece when there is one in its second half); nothing is dropped.
+    Counted in SKIPPED_INPUT["long_documents_split"], said once per process."""
+    for doc in documents:
+        if len(doc) <= max_chars:
+            yield doc
+            continue
+        if not SKIPPED_INPUT["long_documents_split"]:
+            logging.warning("a document of %d characters was cut into pieces of at most %d characters before "
+                            "tokenization (counted in ul2lab.data.text_sources.SKIPPED_INPUT['long_documents_split']; "
+                            "not said again)", len(doc), max_chars)
+        SKIPPED_INPUT["long_documents_split"] += 1
+        start = 0
+        while start < len(doc):
+            end = min(start + max_chars, len(doc))
+            if end < len(doc):
+                space = max(doc.rfind(" ", start + max_chars // 2, end), doc.rfind("\n", start + max_chars // 2, end))
+                end = space + 1 if space > 0 else end
+            yield doc[start:end]
+            start = end
+
+
 def documents_dataset(documents_fn, feature_key: str = "targets"):
-    """A tf.data.Dataset of {feature_key: text} from a zero-argument document generator."""
+    """A tf.data.Dataset of {feature_key: text} from a zero-argument document generator (documents
+    longer than MAX_DOCUMENT_CHARS cut into pieces: split_long_documents)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf.data.Dataset.from_generator(
-        lambda: ({feature_key: doc} for doc in documents_fn()),
+        lambda: ({feature_key: doc} for doc in split_long_documents(documents_fn())),
         output_signature={feature_key: tf.TensorSpec([], tf.string)})

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import threading
 from typing import Callable, Iterable, Optional
 
@@ -274,10 +275,21 @@ def train_from_files(patterns, vocab_size: int, output_prefix: str, *, jsonl_fie
     if os.path.exists(path) and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it or choose another "
                         "--output_prefix")
+    if max_sentences < 0:
+        raise UserError(f"--max_sentences {max_sentences} is negative; use 0 (all lines) or a positive number")
     try:
         files = text_sources.expand_globs(patterns)
         documents = text_sources.local_text_documents(files, jsonl_field=jsonl_field)
         return train_sentencepiece(documents, vocab_size, output_prefix, model_type=model_type,
                                    max_sentences=max_sentences, extra_ids=extra_ids)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        raise UserError(str(e).strip("'\"")) from e
+        message = str(e).strip("'\"")
+        # the library's messages name settings; say them as this command's flags
+        message = message.replace("set jsonl_field to", "pass --jsonl_field naming")
+        if "sentences_.empty()" in message:
+            message = f"the input files ({', '.join(files)}) hold no text; give .txt or .jsonl files with text"
+        too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+        if too_high:
+            message = (f"--vocab_size {too_high.group(1)} is more pieces than these files can give (at most "
+                       f"{too_high.group(2)}); lower --vocab_size or give more text")
+        raise UserError(message) from e

@@ -6,8 +6,9 @@
     import_mtf(checkpoint_dir, output_dir)  Mesh TensorFlow T5 checkpoint -> ul2lab checkpoint
     export_t5x(checkpoint_dir, output_dir)  ul2lab checkpoint -> t5x MODEL_DIR (tensorstore layout)
 
-An imported checkpoint is a params-only orbax step 0 plus config.json (model config and
-vocabulary path), so training (INITIAL_CHECKPOINT_PATH), evaluation and export need no gin.
+An imported checkpoint is a params-only orbax step 0 plus config.json (model config) and the
+vocabulary (spiece.model), so training (INITIAL_CHECKPOINT_PATH), evaluation and export need no gin,
+and the directory can be copied anywhere.
 """
 import os
 import shutil
@@ -22,7 +23,7 @@ from ul2lab.errors import UserError
 from ul2lab.files import atomic_write
 from ul2lab.interop import hf, model_gin, mtf, t5x, t5x_files
 from ul2lab.models.config import PRESETS
-from ul2lab.train import checkpoints
+from ul2lab.train import checkpoints, integrity
 
 
 def import_hf(hf_dir: str, output_dir: str, vocab_path: Optional[str] = None, overwrite: bool = False) -> str:
@@ -36,17 +37,14 @@ def import_hf(hf_dir: str, output_dir: str, vocab_path: Optional[str] = None, ov
                         "or choose another --output_dir")
     if vocab_path is not None and "://" not in vocab_path and not os.path.isfile(vocab_path):
         raise UserError(f"--vocab_path {vocab_path} does not exist; pass a SentencePiece .model file")
-    if vocab_path is not None and "://" not in vocab_path:
-        vocab_path = os.path.abspath(vocab_path)
     hf_vocab = os.path.join(hf_dir, hf.SPM_FILE)
-    # keep the checkpoint self-contained: an HF cache snapshot may be deleted later
-    copy_vocab = vocab_path is None and os.path.isfile(hf_vocab)
-    if copy_vocab:
-        vocab_path = os.path.join(out, hf.SPM_FILE)
+    if vocab_path is None and os.path.isfile(hf_vocab):
+        vocab_path = hf_vocab  # copied into the checkpoint (an HF cache snapshot may be deleted later)
     config, params = hf.load(hf_dir)
+    bad = integrity.problems({"params": params})
+    if bad:
+        raise hf.HFFormatError(f"{hf_dir} cannot be imported: {'; '.join(bad)}; download the model again")
     checkpoints.save_params(out, params, config, step=0, vocab_path=vocab_path, overwrite=overwrite)
-    if copy_vocab:
-        shutil.copyfile(hf_vocab, vocab_path)
     print(f"imported {hf_dir} -> {out} ({config.num_encoder_layers}+{config.num_decoder_layers} layers, "
           f"d_model {config.emb_dim}, vocabulary {vocab_path or 'none recorded'})")
     return out
@@ -60,9 +58,10 @@ def export_hf(checkpoint_dir: str, output_dir: str, vocab_path: Optional[str] = 
     if hf.holds_hf_model(output_dir) and not overwrite:  # before reading params
         raise hf.HFFormatError(f"{output_dir} already holds a Hugging Face model; pass --overwrite "
                                "to replace it, or choose another --output_dir")
-    config, params = checkpoints.load_params(checkpoint_dir, step)
-    vocab_path = vocab_path or payload.get("vocab_path")
-    hf.save(config, params, output_dir, vocab_path=vocab_path, overwrite=overwrite)
+    vocab_path = vocab_path or checkpoints.vocabulary_path(checkpoint_dir, payload)  # before reading params
+    config, params, _ = checkpoints.load_params(checkpoint_dir, step)  # checked against the step's checksums
+    hf.save(config, params, output_dir, vocab_path=vocab_path, overwrite=overwrite,
+            extra_ids=payload.get("extra_ids", 100))
     print(f"exported {checkpoint_dir} -> {output_dir}"
           f"{' with tokenizer' if vocab_path else ' (no vocabulary recorded: no tokenizer files)'}")
     return output_dir

@@ -356,7 +356,7 @@ def holds_hf_model(directory: str) -> bool:
 
 
 def save(config: T5Config, params: dict, out_dir: str, vocab_path: Optional[str] = None,
-         overwrite: bool = False, max_shard_bytes: int = 50 * 2**30):
+         overwrite: bool = False, max_shard_bytes: int = 50 * 2**30, extra_ids: int = 100):
     """Write an HF T5ForConditionalGeneration directory (+ tokenizer files when vocab_path is given).
 
     Refuses a directory that already holds a model unless overwrite=True; everything is checked
@@ -374,7 +374,12 @@ def save(config: T5Config, params: dict, out_dir: str, vocab_path: Optional[str]
     plan = _export_plan(config, params)
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         if vocab_path is not None:  # converted first: a vocabulary transformers rejects writes nothing
-            write_tokenizer(vocab_path, tokenizer_dir)
+            write_tokenizer(vocab_path, tokenizer_dir, extra_ids)
+            with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+                ids = len(json.load(f)["model"]["vocab"])
+            if ids > config.vocab_size:
+                raise HFFormatError(f"vocabulary {vocab_path} has {ids} ids with its {extra_ids} extra ids, more than "
+                                    f"the model's vocab_size {config.vocab_size}; pass the vocabulary it was trained with")
         os.makedirs(out_dir, exist_ok=True)
         for stale in os.listdir(out_dir):  # weights of a previous export must not shadow the new ones
             if stale.startswith(("model-", "pytorch_model")) or stale in (SAFE_WEIGHTS, SAFE_INDEX):
@@ -405,23 +410,51 @@ def _hf_package(name: str):
                             "not installed; install the extra: pip install -e '.[hf]'") from None
 
 
-def write_tokenizer(vocab_path: str, out_dir: str):
-    """spiece.model plus the files transformers' T5Tokenizer saves, so AutoTokenizer loads offline.
+def write_tokenizer(vocab_path: str, out_dir: str, extra_ids: int = 100):
+    """spiece.model plus tokenizer.json / tokenizer_config.json that give exactly ul2lab's ids.
 
-    transformers converts a directory's spiece.model into its fast tokenizer on load; saving that
-    writes tokenizer.json and tokenizer_config.json. Sentinels <extra_id_i> get id
-    (SentencePiece size + 100 - 1 - i), as seqio's SentencePieceVocabulary(extra_ids=100).
+    ul2lab tokenizes with seqio.SentencePieceVocabulary(vocab_path, extra_ids): the SentencePiece
+    model plus one user-defined piece "▁<extra_id_i>" per sentinel, id (pieces + extra_ids - 1 - i),
+    and byte fallback (characters outside the vocabulary become UTF-8 byte pieces, never <unk>).
+    transformers' own T5 conversion turns byte fallback off and makes the sentinels special tokens
+    matched anywhere, which changes ids (`café 😀` -> <unk>s). So tokenizer.json is built from that
+    exact model by transformers' SentencePiece-faithful builder: same normalization, byte fallback,
+    sentinels matched where SentencePiece matches them (after a space or at the start). One
+    difference remains, the Hugging Face convention: text spelling a control piece ("</s>", "<pad>",
+    "<unk>", "<0x41>") is that piece's id, where SentencePiece spells it out.
     """
-    T5Tokenizer = _hf_package("transformers").T5Tokenizer  # lazily: only tokenizer export needs it
+    transformers = _hf_package("transformers")
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    model_pb2 = import_protobuf()
+    proto = model_pb2.ModelProto()
+    try:
+        with open(vocab_path, "rb") as f:
+            proto.ParseFromString(f.read())
+        if not proto.pieces:
+            raise ValueError("it has no pieces")
+    except Exception as e:  # a protobuf decode error says what it could not parse
+        raise HFFormatError(f"vocabulary {vocab_path} is not a SentencePiece model ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())}); pass the .model file of a SentencePiece vocabulary") from None
+    if proto.trainer_spec.model_type != 1:
+        raise HFFormatError(f"vocabulary {vocab_path} is a SentencePiece {model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)}"
+                            " model; the exported tokenizer supports unigram models (what `ul2lab vocab` trains by default)")
+    for i in reversed(range(extra_ids)):  # seqio's sentinels, as SentencePieceVocabulary adds them
+        proto.pieces.add(piece=f"▁<extra_id_{i}>", score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, [(p.piece, p.score) for p in proto.pieces])
+    tokenizer.post_processor = processors.TemplateProcessing(  # EOS after each sequence, as seqio's tasks
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", EOS_ID)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>",
+                                                pad_token="<pad>", model_max_length=int(1e30))
     os.makedirs(out_dir, exist_ok=True)
     shutil.copyfile(vocab_path, os.path.join(out_dir, SPM_FILE))
-    try:
-        tokenizer = T5Tokenizer.from_pretrained(out_dir)
-    except Exception as e:  # transformers' own message says what it could not parse
-        raise HFFormatError(f"vocabulary {vocab_path} is not a SentencePiece model transformers can read "
-                            f"({type(e).__name__}: {' '.join(str(e).split())}); pass the .model file of a "
-                            "SentencePiece vocabulary")
-    tokenizer.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    # the generic fast tokenizer, by the name both transformers 4 and 5 load (5 saves its new alias)
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    atomic_write_json(config_path, {**tokenizer_config, "tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 def _shard(plan: list, max_bytes: int) -> Dict[str, list]:

@@ -20,7 +20,8 @@ from ul2lab.runs.settings import EVAL_METRICS_FILE, EvalConfig
 def run_eval(settings: EvalConfig) -> dict:
     """Evaluate settings.checkpoint_path on its task or mixture; print the metrics and write them
     (EVAL_OUTPUT_DIR/metrics.json and/or settings.output_file). Returns {task: {metric: value}}."""
-    config, params, _ = load_checkpoint(settings.checkpoint_path, settings.step)
+    # the task's own vocabulary decodes the predictions: the checkpoint's is not needed
+    config, params, _ = load_checkpoint(settings.checkpoint_path, settings.step, need_vocabulary=False)
     metrics = evaluate(config, params, settings)
     for task, values in sorted(metrics.items()):
         for name, value in sorted(values.items()):
@@ -42,8 +43,10 @@ def make_evaluator(settings: EvalConfig, log_dir=None) -> seqio.Evaluator:
     task_modules.import_task_modules(settings.mixture_or_task_module)
     try:
         pipeline.get_mixture_or_task(mixture_or_task)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        # a split whose examples are all filtered out would give metrics of nothing: say why instead
+        pipeline.check_yields_examples(mixture_or_task, lengths, split=split)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise UserError(" ".join(str(e).strip("'\"").split())) from None
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
     evaluator = seqio.Evaluator(
@@ -71,13 +74,16 @@ def evaluate(config, params, settings: EvalConfig, evaluator=None, step=None) ->
                                          for k in ("encoder_input_tokens", "decoder_target_tokens")}
 
     def predict_fn(dataset):
+        # every prediction as the decoder returns it: max_decode_length tokens, padding after EOS (as
+        # t5x's); seqio stacks them with np.array, so they must all have one length, and its
+        # vocabulary.decode stops at EOS
         out = []
         for indices, features in batched(dataset):
             rng[0], key = jax.random.split(rng[0])
             tokens, _ = predict_tokens(config, params, features["encoder_input_tokens"], settings, key)
             # whole rows, as t5x hands them to seqio: the vocabulary decodes up to EOS, and rows of one
             # length keep seqio's np.array of the predictions rectangular (stripped rows are ragged)
-            out += [(i, t) for i, t in zip(indices, np.asarray(tokens))]
+            out += [(i, t) for i, t in zip(indices, np.asarray(tokens, np.int32))]
         return out
 
     def score_fn(dataset):

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import re
+import tokenize
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import gin
@@ -88,8 +89,18 @@ def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], se
     logging.disable(logging.ERROR)  # gin logs an error for every search path a file is not in
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+    except ImportError as e:  # `import some.module` in a gin file
+        where = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise UserError(f"gin: a gin file imports a module that cannot be imported ({str(e).splitlines()[0]})"
+                        + (f" ({where})" if where else "") + "; install it or add its folder to PYTHONPATH, or "
+                        "remove the import") from None
+    except tokenize.TokenError:
+        raise UserError(f"gin: a bracket or string is never closed in {', '.join(gin_files)} or the --gin. "
+                        "bindings (the parser reached the end of a file inside it); close every ( [ { and quote")
     except (ValueError, SyntaxError, IOError) as e:
         raise UserError(explain_gin_error(e)) from None
+    except Exception as e:  # noqa: BLE001  e.g. a module a gin file imports fails on import: the user's code
+        raise UserError(f"gin: the gin files could not be read ({type(e).__name__}: {explain_gin_error(e)[5:]})") from None
     finally:
         logging.disable(logging.NOTSET)
     check_macros_used(bindings, gin.config_str())
@@ -178,6 +189,8 @@ def load_settings(cls, given: Mapping, gin_files: Sequence[str] = (), bindings: 
         given["task_feature_lengths"] = settings.parse_feature_lengths(given["task_feature_lengths"])
     required = settings.required_fields(cls)
     if gin_files or bindings:
+        if cls is settings.EvalConfig:  # eval gin files may call the task modules' configurables
+            task_modules.import_task_modules()
         config = load_config(
             cls.__name__, gin_files, bindings, search_paths, start_from=run_file,
             missing_hint=f"include {run_file}, or pass " + ", ".join(settings.flag(f) for f in required),
@@ -189,5 +202,7 @@ def load_settings(cls, given: Mapping, gin_files: Sequence[str] = (), bindings: 
                             f"{' '.join(settings.flag(m) + ' ...' for m in missing)}, or use a gin run file: "
                             f"--gin_file={run_file} " + " ".join(f"--gin.{m.upper()}=..." for m in missing))
         config = cls(**given)
+    if hasattr(config, "mixture_or_task_name"):  # a Task or Mixture stands for its name, as in t5x
+        config = dataclasses.replace(config, mixture_or_task_name=task_modules.task_name(config.mixture_or_task_name))
     settings.check_settings(config)
     return config

@@ -9,6 +9,9 @@ prediction) or "score" (score: the log-likelihood of "targets", EOS included).
 A task's split is read in order through its preprocessors (features trimmed to
 task_feature_lengths); each of its tasks gets INFER_OUTPUT_DIR/<task>-<mode>.jsonl-00000-of-00001
 (t5x's name), one line per example: {"inputs": {its *_pretokenized fields}, "prediction", "score"}.
+
+File rows use the checkpoint's spiece.model (checkpoints.vocabulary_path); in score mode, targets
+longer than max_target_length are truncated, with a note.
 """
 import json
 import os
@@ -28,21 +31,27 @@ from ul2lab.runs import task_modules
 from ul2lab.runs.settings import DecodeSettings, InferConfig
 from ul2lab.train import checkpoints
 
+# SentencePiece pieces are at most 16 characters long (its max_piece_length), so a text's first
+# N tokens lie within its first 16 * N characters
+MAX_CHARS_PER_TOKEN = 16
 
-def load_checkpoint(checkpoint_dir: str, step=None):
-    """(config, params, seqio vocabulary) of a checkpoint directory, or a UserError saying what is missing."""
-    try:
-        config, payload = checkpoints.read_config(checkpoint_dir)
-        config, params = checkpoints.load_params(checkpoint_dir, step)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    vocab_path = payload.get("vocab_path")
-    if not vocab_path:
+
+def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True):
+    """(config, params, seqio vocabulary or None) of a checkpoint directory (the params checked
+    against their checksums), or a UserError saying what is missing or damaged. The vocabulary is
+    looked up first, so a missing one fails before the params are read."""
+    _, payload = checkpoints.read_config(checkpoint_dir)
+    vocab = None
+    vocab_path = checkpoints.vocabulary_path(checkpoint_dir, payload) if need_vocabulary else None
+    if vocab_path is not None:
+        vocab = seqio.SentencePieceVocabulary(vocab_path, extra_ids=payload.get("extra_ids", 100))
+    elif need_vocabulary:
         raise UserError(f"{checkpoint_dir}/config.json has no vocab_path; set it to the SentencePiece .model "
                         "the model was trained with")
-    if "://" not in vocab_path and not os.path.isfile(vocab_path):
-        raise UserError(f"vocabulary {vocab_path} (vocab_path in {checkpoint_dir}/config.json) does not exist")
-    vocab = seqio.SentencePieceVocabulary(vocab_path, extra_ids=payload.get("extra_ids", 100))
+    try:
+        config, params, _ = checkpoints.load_params(checkpoint_dir, step)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     return config, params, vocab
 
 
@@ -69,15 +78,17 @@ def _read_jsonl(path: str, need_targets: bool) -> List[dict]:
     return rows
 
 
-def _tokenize(vocab, texts: Sequence[str], max_length: Optional[int] = None) -> List[List[int]]:
-    """Token ids + EOS, truncated (with a note on stderr) to max_length when given."""
-    ids = [list(vocab.encode(t)) + [EOS_ID] for t in texts]
-    if max_length is None:
-        return ids
+def _tokenize(vocab, texts: Sequence[str], max_length: int, what: str = "inputs",
+              flag: str = "--max_input_length") -> List[List[int]]:
+    """Token ids + EOS, truncated (with one note on stderr) to max_length. Texts are cut to
+    MAX_CHARS_PER_TOKEN characters per allowed token first, so a 100k-character line costs no more
+    than its first max_length tokens."""
+    limit = MAX_CHARS_PER_TOKEN * (max_length + 1)
+    ids = [list(vocab.encode(t[:limit])) + [EOS_ID] for t in texts]
     truncated = sum(len(x) > max_length for x in ids)
     if truncated:
-        print(f"note: {truncated} of {len(ids)} inputs are longer than {max_length} tokens and were "
-              "truncated (raise --max_input_length to keep them whole)", file=sys.stderr)
+        print(f"note: {truncated} of {len(ids)} {what} are longer than {max_length} tokens and were "
+              f"truncated (raise {flag} to keep them whole)", file=sys.stderr)
     return [x[:max_length - 1] + [EOS_ID] if len(x) > max_length else x for x in ids]
 
 
@@ -124,7 +135,8 @@ def infer(settings: InferConfig) -> int:
     config, params, vocab = load_checkpoint(settings.checkpoint_path, settings.step)
 
     inputs = _tokenize(vocab, [r["inputs"] for r in rows], settings.max_input_length)
-    targets = _tokenize(vocab, [r["targets"] for r in rows]) if score_mode else None  # scored whole
+    targets = _tokenize(vocab, [r["targets"] for r in rows], settings.max_target_length, "targets",
+                        "--max_target_length") if score_mode else None
     results = predict_or_score(config, params, vocab, inputs, targets, settings)
     atomic_write(settings.output_file, "".join(
         json.dumps({**row, **result}, ensure_ascii=False) + "\n" for row, result in zip(rows, results)))
@@ -179,7 +191,7 @@ def infer_task(settings: InferConfig) -> int:
             raise UserError(f"{path} exists; pass --overwrite (InferConfig.overwrite = True) or choose another "
                             "--infer_output_dir")
     try:  # the task brings its vocabulary: the checkpoint's vocab_path is not needed
-        config, params = checkpoints.load_params(settings.checkpoint_path, settings.step)
+        config, params, _ = checkpoints.load_params(settings.checkpoint_path, settings.step)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     lengths = dict(settings.task_feature_lengths or {"inputs": settings.max_input_length,

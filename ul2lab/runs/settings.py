@@ -42,6 +42,7 @@ class InferConfig(DecodeSettings):
     mixture_or_task_module: Any = None  # module(s) to import first: they register the task
     mode: str = "predict"           # "predict" | "score" (log-likelihood of each line's whole targets)
     max_input_length: int = 512     # inputs are truncated to this (EOS included)
+    max_target_length: int = 512    # score mode: targets are truncated to this (EOS included)
     overwrite: bool = False         # replace output_file if it exists
 
 
@@ -82,7 +83,8 @@ def check_settings(settings: DecodeSettings):
         return f"{flag(field)} ({cls}.{field})"
 
     for field, ok, fix in [("batch_size", lambda v: v >= 1, "a positive number"),
-                           ("max_input_length", lambda v: v >= 2, "at least 2")]:
+                           ("max_input_length", lambda v: v >= 2, "at least 2"),
+                           ("max_target_length", lambda v: v >= 1, "a positive number")]:
         if not hasattr(settings, field):
             continue
         value = getattr(settings, field)

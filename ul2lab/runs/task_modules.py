@@ -38,3 +38,8 @@ def import_task_modules(*modules: Modules):
             raise UserError(f"task module {module!r} (MIXTURE_OR_TASK_MODULE) could not be imported "
                             f"({type(e).__name__}: {' '.join(str(e).split())}); check the module name and that "
                             "its folder is on PYTHONPATH") from None
+
+
+def task_name(mixture_or_task) -> str:
+    """A seqio Task or Mixture given where a name is expected (t5x accepts both): its name."""
+    return getattr(mixture_or_task, "name", mixture_or_task)

@@ -8,9 +8,10 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import sys
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import gin
 import jax
@@ -48,12 +49,18 @@ def load_train_config(gin_files: Sequence[str], bindings: Sequence[str], search_
                       mixture_or_task_modules: task_modules.Modules = None):
     """Parse gin files + bindings and build the TrainConfig (a UserError for any mistake).
     mixture_or_task_modules (--mixture_or_task_module) are imported first, so gin may configure what
-    they register, and join the config's MIXTURE_OR_TASK_MODULE."""
+    they register (`MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()`; a Task or Mixture stands for its
+    name), and join the config's MIXTURE_OR_TASK_MODULE."""
     task_modules.import_task_modules(mixture_or_task_modules)
-    config = gin_config.load_config(
-        "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
-        missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
-                     "them with --gin.")
+    try:
+        config = gin_config.load_config(
+            "TrainConfig", gin_files, bindings, search_paths, start_from="gin/runs/pretrain_ul2.gin",
+            missing_hint="include a run file (gin/runs/*.gin) and a model file (gin/models/*.gin), or bind "
+                         "them with --gin.")
+    except (FileNotFoundError, KeyError) as e:  # a task configurable the gin files call, e.g. files missing
+        lines = str(e).strip("'\"").splitlines()
+        raise UserError(f"gin: {lines[0] if lines else type(e).__name__}") from None
+    config = dataclasses.replace(config, mixture_or_task_name=task_modules.task_name(config.mixture_or_task_name))
     if not isinstance(config.model, T5Config):
         raise UserError("TrainConfig.model is not a model config: include a model gin file, e.g. "
                         "--gin_file=gin/models/t5_1_1_small.gin")
@@ -90,19 +97,25 @@ def t5x_flags(tfds_data_dir: Optional[str] = None, log_to_stderr: bool = False):
         logging.getLogger().setLevel(logging.INFO)
 
 
-def check(config: TrainConfig) -> Optional[str]:
-    """Every check of a run before any work (settings, mesh, MODEL_DIR, the task modules, the task and
-    its vocabulary, the eval mixture); returns the vocabulary's model file. A ConfigError names the problem."""
+def check(config: TrainConfig) -> Tuple[Optional[str], int]:
+    """Every check of a run before any work (settings, mesh, MODEL_DIR, the task, its vocabulary, and
+    that it yields examples at these lengths); returns (the vocabulary's model file, its extra ids).
+    A ConfigError names the problem."""
     train_config.check(config)
     task_modules.import_task_modules(config.mixture_or_task_module)
     try:
-        vocab_path = pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if config.use_cached_tasks:  # USE_CACHED_TASKS: every cache there, of this version and vocabulary
-        task_cache.check_cached(config.mixture_or_task_name, config.seqio_cache_dirs)
+        vocabulary = pipeline.check_task(config.mixture_or_task_name, config.model.vocab_size)
+        if config.use_cached_tasks:  # USE_CACHED_TASKS: every cache there, of this version and vocabulary
+            task_cache.check_cached(config.mixture_or_task_name, config.seqio_cache_dirs)
+        else:
+            print(f"checking that {config.mixture_or_task_name} yields examples at TASK_FEATURE_LENGTHS "
+                  f"{dict(config.task_feature_lengths)} (reads the first records of each task)", flush=True)
+            pipeline.check_yields_examples(config.mixture_or_task_name, config.task_feature_lengths,
+                                           seed=config.seed or 0)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(" ".join(str(e).strip("'\"").split())) from None
     train_eval.check(config)
-    return vocab_path
+    return vocabulary
 
 
 _INFINITE_SCHEDULE = re.compile(r"^TrainConfig\.learning_rate = @(?:[\w.]*\.)?infinite_schedule\(\)", re.M)
@@ -168,7 +181,7 @@ def train_task(config: TrainConfig, note: str = "") -> dict:
     """Check everything, write MODEL_DIR/config.gin, train on the config's seqio task or mixture.
     Bad input never touches MODEL_DIR. Returns the trainer's result."""
     config, schedule_note = resolve_schedule(config)
-    vocab_path = check(config)
+    vocab_path, extra_ids = check(config)
     config = resolve_seed(config)
 
     def write_gin():
@@ -180,16 +193,19 @@ def train_task(config: TrainConfig, note: str = "") -> dict:
         print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
               f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
 
-    result = loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, on_checked=write_gin,
-                        evaluation=train_eval.sources(config))
+    result = loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, extra_ids=extra_ids,
+                        on_checked=write_gin, evaluation=train_eval.sources(config))
     if skips.summary() and jax.process_index() == 0:
         print(skips.summary(), "(details at debug level)", flush=True)
     return result
 
 
 def exit_code(result: dict) -> int:
-    """0 when the run reached TRAIN_STEPS; PREEMPTED_EXIT_CODE (143) when SIGTERM stopped it after saving."""
-    return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+    """0 when the run reached TRAIN_STEPS; 128 + the signal when SIGTERM (PREEMPTED_EXIT_CODE, 143) or
+    Ctrl-C (130) stopped it after saving, as a shell reports a process ended by that signal."""
+    if not result.get("preempted"):
+        return 0
+    return 128 + result["stop_signal"] if result.get("stop_signal") else PREEMPTED_EXIT_CODE
 
 
 def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, anneal_steps: Optional[int] = None,
@@ -222,10 +238,19 @@ def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, ann
     config = dataclasses.replace(config, model_dir=new, learning_rate=branch,
                                  train_steps=step + branch.anneal_steps, train_steps_relative=None)
     check(config)
+    existed = os.path.exists(new)
     checkpoints.copy_step(main, new, step)
     note = (f"# anneal branch of {main} at step {step}: infinite_schedule.anneal_start={branch.anneal_start} "
             f"anneal_steps={branch.anneal_steps} end_value={branch.end_value} (set by `ul2lab anneal`)")
-    return exit_code(train_task(config, note))
+    try:
+        return exit_code(train_task(config, note))
+    except checkpoints.CorruptCheckpointError as e:
+        # the copy is of a damaged step: take it away again, and name the main run's step
+        if jax.process_index() == 0:
+            shutil.rmtree(new) if not existed else shutil.rmtree(os.path.join(new, str(step)), ignore_errors=True)
+        others = [s for s in available if s != step]
+        raise UserError(f"step {step} of {main} cannot be annealed: {str(e).replace(new, main)}"
+                        + (f"; branch from another step (--step, it has {others})" if others else "")) from None
 
 
 def demo(model_dir: str = "ul2lab_demo", train_steps: Optional[int] = None, gin_files: Sequence[str] = (),

@@ -2,13 +2,19 @@
 
 Layout of a checkpoint directory (MODEL_DIR of a run, or the output of `import-hf`):
 
-    config.json          {"model": T5Config dict, "vocab_path": str|null, ...}
+    config.json          {"model": T5Config dict, "vocab_path": "spiece.model"|remote path|null,
+                          "vocab_source", "vocab_sha256", ...}
+    spiece.model         the SentencePiece model of the vocabulary (a copy: the directory is portable)
     <step>/params/...    orbax StandardSave of the float32 parameter tree
+    <step>/checksums     JSON: a content digest per array of the step (ul2lab.train.integrity)
     <step>/<item>/...    more items written by the trainer (optimizer state, run metadata)
 
-Readers need no gin: `read_config` + `load_params` rebuild the network.
+Readers need no gin: `read_config` + `load_params` rebuild the network; `vocabulary_path` finds the
+vocabulary. Every restore compares the arrays it read with the step's checksums and checks them
+finite; a step that fails is a CorruptCheckpointError naming the step and the arrays.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -20,26 +26,90 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ul2lab.errors import UserError
-from ul2lab.files import atomic_write_json
+from ul2lab.files import atomic_write, atomic_write_json
 from ul2lab.models.config import T5Config
 from ul2lab.train import data_position as data_position_lib
+from ul2lab.train import integrity
 
 CONFIG_FILE = "config.json"
+VOCAB_FILE = "spiece.model"  # the name Hugging Face's T5 tokenizer gives its SentencePiece model
+CHECKSUMS_ITEM = "checksums"
 
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint directory that is missing, incomplete, or of another model."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A step whose arrays do not match their saved checksums or hold NaN/inf."""
+
+
 def write_config(directory: str, config: T5Config, vocab_path: Optional[str] = None, **extra: Any):
     """Write config.json atomically (temp file + rename), so a crash never leaves half a file.
 
-    In a multi-host run only process 0 writes (every host holds the same config)."""
+    A local vocabulary file is copied into the directory as spiece.model and recorded by that
+    relative name, with its original path (a hint) and sha256, so a copied checkpoint directory
+    works anywhere. In a multi-host run only process 0 writes (every host holds the same config)."""
     if jax.process_index() != 0:
         return
     os.makedirs(directory, exist_ok=True)
-    payload = {"model": config.to_dict(), "vocab_path": vocab_path, **extra}
+    vocab = {"vocab_path": vocab_path}
+    if vocab_path and "://" not in vocab_path:
+        source = os.path.abspath(vocab_path)
+        copy = os.path.join(directory, VOCAB_FILE)
+        digest = _sha256(source)
+        if source != os.path.abspath(copy) and not (os.path.isfile(copy) and _sha256(copy) == digest):
+            with open(source, "rb") as f:
+                atomic_write(copy, f.read())
+        vocab = {"vocab_path": VOCAB_FILE, "vocab_sha256": digest, "vocab_source": source}
+    payload = {"model": config.to_dict(), **vocab, **extra}
     atomic_write_json(os.path.join(directory, CONFIG_FILE), payload)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def vocabulary_path(directory: str, payload: Optional[dict] = None) -> Optional[str]:
+    """The vocabulary file of a checkpoint directory (None if it records none): its own copy
+    (spiece.model), else the path config.json records; a CheckpointError if that is missing or
+    is not the file the checkpoint was written with."""
+    if payload is None:
+        payload = read_config(directory)[1]
+    recorded = payload.get("vocab_path")
+    if not recorded:
+        return None
+    if "://" in recorded:
+        return recorded
+    path = recorded if os.path.isabs(recorded) else os.path.join(directory, recorded)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(directory, VOCAB_FILE)):
+        path = os.path.join(directory, VOCAB_FILE)  # an older checkpoint whose recorded path is gone
+    if not os.path.isfile(path):
+        raise CheckpointError(f"the vocabulary of {directory} ({path}, vocab_path in its {CONFIG_FILE}) does not "
+                              f"exist; put the SentencePiece .model file there, or set vocab_path in {CONFIG_FILE}")
+    expected = payload.get("vocab_sha256")
+    if expected and _sha256(path) != expected:
+        raise CheckpointError(f"the vocabulary file {path} is not the one {directory} was written with (its sha256 "
+                              f"differs from vocab_sha256 in {CONFIG_FILE}); restore the original file "
+                              f"(it came from {payload.get('vocab_source', 'an unknown path')})")
+    return path
+
+
+def check_same_vocabulary(directory: str, vocab_path: Optional[str]):
+    """A run resumed with another vocabulary would train on other ids: refuse it (nothing is written)."""
+    if not vocab_path or "://" in vocab_path or not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+        return
+    _, payload = read_config(directory)
+    expected = payload.get("vocab_sha256")
+    if expected and os.path.isfile(vocab_path) and _sha256(vocab_path) != expected:
+        raise CheckpointError(f"the task's vocabulary {vocab_path} is not the one {directory} was trained with "
+                              f"(sha256 differs from its {CONFIG_FILE}; that one came from "
+                              f"{payload.get('vocab_source')}); resume with the task and vocabulary that wrote it, "
+                              "or choose a new MODEL_DIR")
 
 
 def read_config(directory: str) -> Tuple[T5Config, dict]:
@@ -67,10 +137,16 @@ def read_config(directory: str) -> Tuple[T5Config, dict]:
 
 def has_checkpoint(directory: str) -> bool:
     """True if the directory holds at least one finished orbax step."""
+    return bool(finished_steps(directory))
+
+
+def finished_steps(directory: str) -> list:
+    """The steps whose directory orbax finalized (complete on disk), oldest first; read from the
+    directory listing, so it is right even after a failed save."""
     if not os.path.isdir(directory):
-        return False
-    return any(ocp.utils.is_checkpoint_finalized(os.path.join(directory, d))
-               for d in os.listdir(directory) if d.isdigit())
+        return []
+    return sorted(int(d) for d in os.listdir(directory)
+                  if d.isdigit() and ocp.utils.is_checkpoint_finalized(os.path.join(directory, d)))
 
 
 def all_steps(directory: str) -> list:
@@ -91,6 +167,8 @@ def copy_step(source: str, destination: str, step: int):
     if jax.process_index() == 0:
         shutil.copytree(os.path.join(source, str(step)), os.path.join(destination, str(step)))
         shutil.copy2(os.path.join(source, CONFIG_FILE), os.path.join(destination, CONFIG_FILE))
+        if os.path.isfile(os.path.join(source, VOCAB_FILE)):  # config.json names it relative to the directory
+            shutil.copy2(os.path.join(source, VOCAB_FILE), os.path.join(destination, VOCAB_FILE))
     multihost_utils.sync_global_devices(f"ul2lab: step {step} of {source} copied")
 
 
@@ -162,6 +240,13 @@ def save_params(directory: str, params: Any, config: T5Config, step: int = 0,
     if opt_state is not None:
         items.update(opt_state=ocp.args.PyTreeSave(opt_state), run=ocp.args.JsonSave(run))
         handlers.update(opt_state=_lazy_tree_handler(), run=ocp.JsonCheckpointHandler())
+    arrays = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
+    if not any(isinstance(x, LazyArray) for x in jax.tree_util.tree_leaves(
+            arrays, is_leaf=lambda x: isinstance(x, LazyArray))):
+        # checksums need every array in memory; a streamed import (LazyArray leaves) is written
+        # without them, and its arrays are still checked finite when restored
+        items[CHECKSUMS_ITEM] = ocp.args.JsonSave(integrity.digests(arrays))
+        handlers[CHECKSUMS_ITEM] = ocp.JsonCheckpointHandler()
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=None, enable_async_checkpointing=False), item_handlers=handlers) as manager:
         if overwrite:
@@ -214,16 +299,35 @@ def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
     return arrays
 
 
-def load_params(directory: str, step: Optional[int] = None) -> Tuple[T5Config, Any]:
-    """(config, float32 params as numpy) from a checkpoint directory: the latest step by default."""
+def load_params(directory: str, step: Optional[int] = None,
+                abstract_params: Any = None) -> Tuple[T5Config, Any, int]:
+    """(model config, params, step) of any ul2lab checkpoint directory (a run's MODEL_DIR or an
+    import): the latest step by default. Without `abstract_params` the params come as saved (float32
+    numpy); with it (a tree of jax.ShapeDtypeStruct) they are laid out as its shardings say, and a
+    checkpoint of other shapes is a CheckpointError. Either way the arrays are checked against the
+    step's checksums and checked finite (CorruptCheckpointError)."""
     directory = os.path.abspath(directory)
-    config, _ = read_config(directory)
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+    config, _ = read_config(directory)  # a clear error if it is not a checkpoint directory
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
+        steps = list(manager.all_steps())
+        if not steps:
             raise CheckpointError(f"{directory} has a {CONFIG_FILE} but no finished checkpoint step")
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-    return config, restored["params"]
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"{directory} has no checkpoint at step {step}; it has steps {sorted(steps)}")
+        what = f"the parameters in {directory} (step {step})"
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params), **_checksums_restore(directory, step)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{what} do not fit this model: {e}") from e
+        except Exception as e:  # noqa: BLE001  tensorstore / orbax errors of damaged files
+            raise CorruptCheckpointError(f"checkpoint {os.path.join(directory, str(step))} cannot be read "
+                                         f"({one_line(e)}); use another step (or restore it from a copy)") from e
+    if abstract_params is not None:
+        _check_shapes(restored["params"], abstract_params, what)
+    verify(restored, directory, step)
+    return config, restored["params"], step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +363,7 @@ class RunCheckpoints:
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=async_save,
-            create=True))
+            create=True, cleanup_tmp_directories=True))  # a killed save leaves *.orbax-checkpoint-tmp-*
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -269,8 +373,9 @@ class RunCheckpoints:
 
         `data_position`: None (not saved), or data_position.HostBytesSave(this host's position bytes),
         the same kind of value on every host."""
+        checksums = integrity.digests({"params": params, "opt_state": opt_state})  # before the buffers are reused
         items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                     run=ocp.args.JsonSave(run))
+                     run=ocp.args.JsonSave(run), **{CHECKSUMS_ITEM: ocp.args.JsonSave(checksums)})
         if data_position is not None:
             items[data_position_lib.ITEM] = data_position
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -288,7 +393,8 @@ class RunCheckpoints:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state), run=ocp.args.JsonRestore()))
+                opt_state=ocp.args.StandardRestore(abstract_opt_state), run=ocp.args.JsonRestore(),
+                **_checksums_restore(self.directory, step)))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"could not restore step {step} of {self.directory}: its parameters or "
                                   f"optimizer state do not match this run's model and optimizer ({e}). "
@@ -296,6 +402,7 @@ class RunCheckpoints:
         what = f"step {step} of {self.directory}: its parameters or optimizer state"
         _check_shapes(restored["params"], abstract_params, what)
         _check_shapes(restored["opt_state"], abstract_opt_state, what)
+        verify(restored, self.directory, step)
         return restored["params"], restored["opt_state"], dict(restored["run"])
 
     def restore_latest_good(self, abstract_params: Any, abstract_opt_state: Any, log=print):
@@ -340,21 +447,21 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Tuple[Any, int]:
-    """(params laid out as abstract_params says, step) from any ul2lab checkpoint directory: params only."""
-    directory = os.path.abspath(directory)
-    read_config(directory)  # a clear error if it is not a checkpoint directory
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory} has a {CONFIG_FILE} but no finished checkpoint step")
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params)))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"the parameters in {directory} (step {step}) do not fit this model: {e}") from e
-    _check_shapes(restored["params"], abstract_params, f"the parameters in {directory} (step {step})")
-    return restored["params"], step
+def _checksums_restore(directory: str, step: int) -> dict:
+    """The checksums item to restore with a step, if the step has one (steps written before it existed do not)."""
+    if os.path.isdir(os.path.join(directory, str(step), CHECKSUMS_ITEM)):
+        return {CHECKSUMS_ITEM: ocp.args.JsonRestore()}
+    return {}
+
+
+def verify(restored: dict, directory: str, step: int):
+    """Raise CorruptCheckpointError if the restored arrays (every item but the checksums and the run
+    record) differ from the step's checksums or hold NaN/inf."""
+    arrays = {k: v for k, v in restored.items() if k not in (CHECKSUMS_ITEM, "run")}
+    found = integrity.problems(arrays, restored.get(CHECKSUMS_ITEM))
+    if found:
+        raise CorruptCheckpointError(f"checkpoint {os.path.join(directory, str(step))} is corrupt: {'; '.join(found)}. "
+                                     "Use another step (or restore this one from a copy)")
 
 
 def _check_shapes(restored: Any, expected: Any, what: str):

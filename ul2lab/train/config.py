@@ -63,6 +63,9 @@ class TrainConfig:
     # a step with a non-finite loss or gradient norm is skipped (metrics "skipped_updates"); this many
     # in a row stop the run with the last good state saved (None: skip them and never stop)
     max_consecutive_nonfinite: Optional[int] = 20
+    # resuming MODEL_DIR with another batch_size moves the data position; refused unless this is True
+    # (then the run continues after the examples already seen, rounded up to a whole new batch)
+    allow_batch_size_change: bool = False
 
 
 # exit status of a run stopped by SIGTERM after saving its step: 128 + SIGTERM, what a shell reports for

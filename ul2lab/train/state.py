@@ -81,6 +81,9 @@ def opt_state_shardings(opt_state, params, params_shardings, replicated):
 
 def restore_or_init(config: TrainConfig, ckpt, optimizer, abstract_state, state_shardings):
     """(state, run record of the restored step or None): the newest readable step, else a new state."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        print(f"restoring step {latest} of {config.model_dir} (and checking it against its checksums)", flush=True)
     restored = ckpt.restore_latest_good(abstract_state.params, abstract_state.opt_state)
     if restored is not None:
         step, params, opt_state, run = restored
@@ -97,10 +100,12 @@ def restore_or_init(config: TrainConfig, ckpt, optimizer, abstract_state, state_
         init = jax.jit(lambda params, step: step_lib.init_state(config.model, optimizer, config.seed, params
                                                                 ).replace(step=step),
                        out_shardings=state_shardings)
-        params, from_step = checkpoints.restore_params(config.initial_checkpoint_path, abstract_state.params)
+        _, params, from_step = checkpoints.load_params(config.initial_checkpoint_path,
+                                                        abstract_params=abstract_state.params)
         print(f"starting from the parameters of {config.initial_checkpoint_path} at its step {from_step}",
               flush=True)
         return init(params, np.asarray(from_step, np.int32)), None
+    print(f"initializing a new model in {config.model_dir} (seed {config.seed})", flush=True)
     return new_state_fn(config.model, config.seed, optimizer, state_shardings)(), None
 
 

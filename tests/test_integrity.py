@@ -1,0 +1,114 @@
+"""Checkpoint integrity: bytes damaged after a step was written (same size, nothing looks truncated)
+are caught by the step's checksums in every command that reads a checkpoint: train (the step is set
+aside and the previous one used), infer, eval and export-hf (a one-line error; anneal restores through train). Restored
+arrays are checked finite, and a run that skips every step as non-finite exits non-zero."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_trainer import make_config, synthetic_batches
+from ul2lab.cli import main as cli
+from ul2lab.models.config import preset
+from ul2lab.models.network import init_params
+from ul2lab.train import checkpoints, integrity
+from ul2lab.train import loop as trainer
+
+
+def corrupt_largest_params_file(step_dir):
+    """4 KiB of garbage over the middle of the step's largest params file; its size stays the same."""
+    files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, "params")) for f in names]
+    largest = max(files, key=os.path.getsize)
+    size = os.path.getsize(largest)
+    with open(largest, "r+b") as f:
+        f.seek(size // 2)
+        f.write(np.random.default_rng(0).integers(0, 256, min(4096, size // 4), dtype=np.uint8).tobytes())
+    assert os.path.getsize(largest) == size
+    return largest
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_vocabulary):
+    """A 6-step run with checkpoints at steps 3 and 6 and the tiny vocabulary recorded."""
+    root = tmp_path_factory.mktemp("integrity")
+    trainer.train(make_config(root / "run", async_checkpoints=False), synthetic_batches(),
+                  vocab_path=tiny_vocabulary.sentencepiece_model_file)
+    return root / "run"
+
+
+def copy_run(run, tmp_path):
+    import shutil
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_the_digest_sees_any_change_and_is_the_same_sharded():
+    x = jnp.arange(1000, dtype=jnp.float32).reshape(10, 100)
+    base = integrity.digests({"x": x})["arrays"]
+    y = x.at[3, 7].set(np.nextafter(np.float32(x[3, 7]), np.float32(1e9)))
+    assert integrity.digests({"x": y})["arrays"] != base  # one ulp of one element
+    swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
+    assert integrity.digests({"x": swapped})["arrays"] != base  # same words, other places
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)),
+                                          jax.sharding.PartitionSpec("d"))
+    assert integrity.digests({"x": jax.device_put(x, sharding)})["arrays"] == base
+    assert integrity.problems({"x": x.at[2, 2].set(jnp.nan)}) == ["x holds NaN or inf"]
+
+
+@pytest.mark.parametrize("command", ["infer_score", "export_hf", "eval"])
+def test_read_only_commands_refuse_corrupted_bytes_in_one_line(trained_run, command, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path)
+    corrupt_largest_params_file(run / "6")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"inputs": "ka lo", "targets": "mi ne"}) + "\n")
+    argv = {
+        "infer_score": ["infer", "--checkpoint_dir", str(run), "--input_file", str(tmp_path / "in.jsonl"),
+                        "--output_file", str(tmp_path / "out.jsonl"), "--mode", "score"],
+        "export_hf": ["export-hf", "--checkpoint_dir", str(run), "--output_dir", str(tmp_path / "hf")],
+        "eval": ["eval", "--checkpoint_dir", str(run), "--mixture_or_task", "synthetic_never_reached"],
+    }[command]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr().err
+    assert "Traceback" not in captured, captured
+    errors = [line for line in captured.splitlines() if line.startswith("ul2lab ")]  # not library log lines
+    assert len(errors) == 1, captured
+    err = errors[0]
+    assert f"{run}/6 is corrupt" in err, err
+    assert "does not match the checksum" in err, err
+    # nothing was written
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_train_sets_a_corrupted_step_aside_and_resumes_from_the_previous_one(trained_run, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path)
+    corrupt_largest_params_file(run / "6")
+    result = trainer.train(make_config(run, train_steps=8, async_checkpoints=False), synthetic_batches())
+    out = capsys.readouterr().out
+    assert f"restoring step 6 of {run}" in out  # said before the (slow) restore starts
+    assert "does not match the checksum" in out and "trying the previous one" in out
+    assert result["history"][0]["step"] == 4  # resumed from step 3
+    aside = [d for d in os.listdir(run) if d.startswith("corrupt-6-")]
+    assert len(aside) == 1  # kept for inspection, not deleted
+    assert checkpoints.all_steps(str(run))[-1] == 8
+    checkpoints.load_params(str(run))  # the new steps verify
+
+
+def test_nonfinite_params_are_refused_even_with_matching_checksums(tmp_path):
+    config = preset("tiny")
+    params = jax.jit(lambda rng: init_params(config, rng))(jax.random.PRNGKey(0))
+    first = jax.tree_util.tree_leaves_with_path(params)[0][0]
+    params = jax.tree_util.tree_map_with_path(lambda p, x: x.at[(0,) * x.ndim].set(jnp.inf) if p == first else x,
+                                              params)
+    checkpoints.save_params(str(tmp_path), params, config)
+    with pytest.raises(checkpoints.CorruptCheckpointError, match=r"holds NaN or inf"):
+        checkpoints.load_params(str(tmp_path))
+
+
+def test_a_run_whose_every_step_is_skipped_as_nonfinite_stops_nonzero(tmp_path):
+    config = make_config(tmp_path, train_steps=3, learning_rate=lambda step: jnp.float32(jnp.nan),
+                         async_checkpoints=False)
+    with pytest.raises(trainer.TrainingStopped, match=r"every step this run took \(3\) had a non-finite"):
+        trainer.train(config, synthetic_batches())
