@@ -24,11 +24,11 @@ def compilation_cache(tmp_path_factory):
         jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
 
 
-def run_smoke(name, tmp_path, **kwargs):
+def run_smoke(name, tmp_path, s=None, **kwargs):
     """runner.run at the smoke scale, seed 0, into tmp_path (results, README copy, checkpoints)."""
     readme = tmp_path / "README.md"
     shutil.copy(os.path.join(harness.experiment_dir(name), "README.md"), readme)
-    out = runner.run(name, harness.scale("smoke"), [0], str(tmp_path / "work"), str(tmp_path / "results"),
+    out = runner.run(name, s or harness.scale("smoke"), [0], str(tmp_path / "work"), str(tmp_path / "results"),
                      str(readme), **kwargs)
     with open(tmp_path / "results" / "smoke-seed0.json") as f:
         result = json.load(f)
@@ -92,16 +92,22 @@ def test_objectives_smoke(tmp_path, ul2lab_cache_dir):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+# 2 steps of each main phase and anneal branches of 2 steps from step 2 (a 1-step branch would run
+# at the constant rate: the anneal's first step is the constant, so it would equal the main run)
+SCHEDULES_SMOKE = harness.scale("smoke", steps_per_phase=4, anneal_steps=2)
+
+
 def test_schedules_smoke(tmp_path, ul2lab_cache_dir):
-    _, result, readme_text = run_smoke("schedules", tmp_path)
-    m, s = result["measurements"], harness.scale("smoke")
+    s = SCHEDULES_SMOKE
+    _, result, readme_text = run_smoke("schedules", tmp_path, s)
+    m = result["measurements"]
     expected = {f"{arm}@{i}/{data}_loss" for arm in schedules.ARMS for i in (1, 2, 3)
                 for data in (["text"] if i == 1 else ["tables", "text"])}
     assert set(m) == expected
     assert_losses_plausible(m.values())
     curves = result["curves"]
     for arm in ("cosine", "infinite"):
-        assert [[p["step"] for p in phase] for phase in curves[arm]] == [[1, 2], [3, 4], [5, 6]]
+        assert [[p["step"] for p in phase] for phase in curves[arm]] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
         assert_losses_plausible(p["loss"] for phase in curves[arm] for p in phase)
     # repeated cosine re-warms: each phase starts at the peak and ends near the end rate
     for phase in curves["cosine"]:
@@ -113,7 +119,10 @@ def test_schedules_smoke(tmp_path, ul2lab_cache_dir):
     # each anneal branch ends at the phase's last step, below the constant rate
     for i, phase in enumerate(curves["infinite_anneal"], 1):
         assert phase[-1]["step"] == i * s.steps_per_phase
+        assert [p["step"] for p in phase] == [i * 4 - 1, i * 4]
         assert phase[-1]["learning_rate"] < s.constant_learning_rate
+        # the branch is another model than the main run at the same step
+        assert m[f"infinite_anneal@{i}/text_loss"] != m[f"infinite@{i}/text_loss"]
     assert_tables_show_the_json(result, readme_text, schedules.SECTIONS)
 
 
@@ -128,7 +137,7 @@ def shared_data_dir():
 
 def test_continual_tables_smoke(tmp_path, ul2lab_cache_dir, monkeypatch):
     data_dir = shared_data_dir()
-    monkeypatch.delenv("UL2LAB_DATA_DIR", raising=False)  # runner.run sets it from data_dir
+    monkeypatch.setenv("UL2LAB_DATA_DIR", "unset-by-the-test")  # runner.run sets it; undone after the test
     _, result, readme_text = run_smoke("continual_tables", tmp_path, data_dir=data_dir)
     m = result["measurements"]
     assert set(m) == {f"{arm}/{metric}" for arm in continual_tables.ARMS
@@ -142,7 +151,7 @@ def test_continual_tables_smoke(tmp_path, ul2lab_cache_dir, monkeypatch):
 
 
 def test_continual_tables_names_missing_data_before_training(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("UL2LAB_DATA_DIR", raising=False)
+    monkeypatch.setenv("UL2LAB_DATA_DIR", "unset-by-the-test")  # runner.run sets it; undone after the test
     code = experiments_cli.main(["continual_tables", "--scale", "smoke", "--seeds", "0",
                                  "--data_dir", str(tmp_path / "nowhere"), "--work_dir", str(tmp_path / "work")])
     assert code == 2
@@ -208,3 +217,14 @@ def test_committed_readmes_match_their_results():
         expected = report.results_section(results, experiment.SECTIONS, experiment.COMPARISONS, plot)
         assert committed == expected, f"experiments/{name}/README.md is stale: run --report_only"
         assert bool(re.search(r"\d", committed)) == bool(results)  # no numbers without results
+
+
+def test_scale_overrides_are_typed_and_unknown_fields_named():
+    s = harness.scale("smoke", **harness.parse_overrides(["steps_per_phase=100", "peak_learning_rate=0.02"]))
+    assert (s.steps_per_phase, s.peak_learning_rate, s.name) == (100, 0.02, "smoke")
+    with pytest.raises(UserError, match="FIELD one of model, steps_per_phase"):
+        harness.parse_overrides(["steps=3"])
+    with pytest.raises(UserError, match="steps_per_phase takes a int"):
+        harness.parse_overrides(["steps_per_phase=a lot"])
+    with pytest.raises(UserError, match="unknown --scale 'huge'"):
+        harness.scale("huge")

@@ -13,6 +13,8 @@ def parse(argv):
     parser.add_argument("name", choices=sorted(runner.EXPERIMENTS))
     parser.add_argument("--scale", default="full", choices=sorted(harness.SCALES),
                         help="run sizes (ul2lab/experiments/harness.py SCALES); full is what the README describes")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one field of the scale, e.g. --set steps_per_phase=100 (repeatable)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for intervals)")
     parser.add_argument("--work_dir", default="ul2lab_experiments", help="checkpoints of the runs go here")
     parser.add_argument("--results_dir", default=None, help="default: experiments/NAME/results")
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
                 seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
             except ValueError:
                 raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
-            out = runner.run(args.name, harness.scale(args.scale), seeds, args.work_dir, args.results_dir,
+            out = runner.run(args.name, harness.scale(args.scale, **harness.parse_overrides(args.set)), seeds, args.work_dir, args.results_dir,
                              args.readme, args.data_dir, args.keep_runs)
         print(out["section"])
         print(f"wrote {out['readme']}" + (f" and {out['plot']}" if out["plot"] else ""))

@@ -72,6 +72,23 @@ def scale(name: str, **overrides) -> Scale:
     return dataclasses.replace(SCALES[name], **overrides)
 
 
+def parse_overrides(items) -> dict:
+    """["steps_per_phase=100", ...] -> {field: value} of Scale, each value of its field's type."""
+    fields = {f.name: f.type for f in dataclasses.fields(Scale) if f.name != "name"}
+    out = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        if field not in fields or not value:
+            raise UserError(f"--set {item!r}: give FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        kind = {"int": int, "float": float, "str": str}[fields[field] if isinstance(fields[field], str)
+                                                         else fields[field].__name__]
+        try:
+            out[field] = kind(value)
+        except ValueError:
+            raise UserError(f"--set {item!r}: {field} takes a {kind.__name__}") from None
+    return out
+
+
 def experiment_dir(name: str) -> str:
     return os.path.join(EXPERIMENTS_DIR, name)
 

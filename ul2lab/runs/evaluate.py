@@ -79,6 +79,9 @@ def evaluate(config, params, settings: EvalConfig) -> dict:
     return {task: {k: _plain(v) for k, v in values.items()} for task, values in all_metrics.result().items()}
 
 
+_jitted_score = jax.jit(decoding.score, static_argnums=1)  # one compilation per config and batch shape
+
+
 def heldout_loss(checkpoint_path: str, mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,
                  num_batches: int = 4, split: str = "validation", seed: int = 0, step=None) -> dict:
     """A checkpoint's held-out loss on a task's `split`: the mean cross entropy per real target token
@@ -93,14 +96,13 @@ def heldout_loss(checkpoint_path: str, mixture_or_task_name: str, task_feature_l
                                          seed=seed, pack=False, split=split)
     except ValueError as e:
         raise UserError(f"held-out loss on {mixture_or_task_name!r} ({split}): {e}") from None
-    score = jax.jit(decoding.score, static_argnums=1)
     total, tokens, examples = 0.0, 0, 0
     for _ in range(num_batches):
         batch = next(batches, None)
         if batch is None:
             break
         targets = batch["decoder_target_tokens"]
-        total -= float(np.sum(np.asarray(score(params, config, batch["encoder_input_tokens"], targets))))
+        total -= float(np.sum(np.asarray(_jitted_score(params, config, batch["encoder_input_tokens"], targets))))
         tokens += int(np.sum(targets > 0))
         examples += int(np.sum(np.any(targets > 0, axis=-1)))
     if not tokens:
