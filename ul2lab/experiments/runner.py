@@ -4,6 +4,8 @@ import shutil
 import time
 from typing import Optional, Sequence
 
+import jax
+
 from ul2lab.errors import UserError
 from ul2lab.experiments import continual_tables, harness, objectives, report, schedules
 
@@ -36,6 +38,8 @@ def run(name: str, s: harness.Scale, seeds: Sequence[int], work_dir: str, result
         experiment.check(s)
     if hasattr(experiment, "check_data"):
         experiment.check_data()
+    if not jax.config.jax_compilation_cache_dir:  # every phase compiles the same programs again: cache them
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(work_dir, "jax_cache")))
     for seed in seeds:
         seed_dir = os.path.abspath(os.path.join(work_dir, name, f"{s.name}-seed{seed}"))
         if os.path.exists(seed_dir):  # a run directory that exists would be resumed, not started afresh
