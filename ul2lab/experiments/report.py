@@ -143,7 +143,7 @@ def generated_section(readme_text: str) -> str:
 
 
 def bar_plot(results: Sequence[dict], sections: Sequence[Section], path: str):
-    """One panel per table: each metric's mean per row with its 95% interval."""
+    """One panel per metric: each row's mean with its 95% interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -157,7 +157,9 @@ def bar_plot(results: Sequence[dict], sections: Sequence[Section], path: str):
                 names.append(row_label)
                 means.append(mean)
                 halves.append(0.0 if math.isnan(half) else half)
-        ax.bar(range(len(names)), means, yerr=halves, capsize=4, color="tab:blue", alpha=0.75)
+        # points, not bars: losses differ in the second decimal, which bars from 0 would hide
+        ax.errorbar(range(len(names)), means, yerr=halves, fmt="o", capsize=4, color="tab:blue")
+        ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
