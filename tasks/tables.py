@@ -23,6 +23,8 @@ when a split is requested):
               metric reports how many questions used each).
   tabfact     statement ; table → entailed / refuted          (accuracy)
               {data_dir}/tabfact/{train,val}_examples.json, tables in {data_dir}/tabfact/all_csv
+  tabfact_val_by_table   TabFact's validation statements split by table (a hash of the file name):
+              `train` ~half the tables, `validation` the held-apart rest (accuracy)
   register_table_qa_jsonl_task(name, paths)   generic JSONL: {"question", "table" | "table_file",
               "answers" | "answer"} per line                    (denotation accuracy, BLEU)
   table_eval  mixture of wikitq and tabfact for evaluation.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -472,6 +475,39 @@ def register_tabfact_task(name: str = "tabfact", data_dir: Optional[str] = None,
                     [metrics.accuracy], postprocess_fn=_first_answer_postprocessor)
 
 
+def table_split(table_file: str, held_apart_fraction: float) -> str:
+    """"train" or "validation" for one table, from a hash of its file name: stable across runs,
+    machines and dataset orderings, and every statement on a table lands in the same split."""
+    bucket = int(hashlib.sha256(table_file.encode("utf-8")).hexdigest()[:8], 16) / 0x100000000
+    return "validation" if bucket < held_apart_fraction else "train"
+
+
+def register_tabfact_table_split_task(name: str = "tabfact_val_by_table", data_dir: Optional[str] = None,
+                                      vocabulary: Optional[seqio.Vocabulary] = None,
+                                      held_apart_fraction: float = 0.5) -> seqio.Task:
+    """TabFact's validation file split by table into "train" (finetune on these tables' statements)
+    and "validation" (about `held_apart_fraction` of the tables, never seen in training): for
+    experiments that finetune and evaluate on TabFact without its large train file."""
+    if not 0.0 < held_apart_fraction < 1.0:
+        raise ValueError(f"held_apart_fraction must be in (0, 1), got {held_apart_fraction}")
+
+    def root():
+        return _require(os.path.join(data_dir or table_data_dir(), "tabfact"), "TabFact")
+
+    def split(wanted):
+        def examples():
+            path = os.path.join(root(), "val_examples.json")
+            with open(_require(path, "TabFact examples file"), encoding="utf-8") as f:
+                data = json.load(f)
+            kept = {k: v for k, v in data.items() if table_split(k, held_apart_fraction) == wanted}
+            return _tabfact_examples(kept, root())
+        return examples
+
+    source = qa_source({"train": split("train"), "validation": split("validation")})
+    return _qa_task(name, source, vocabulary or vocab_lib.embedded_vocabulary(),
+                    [metrics.accuracy], postprocess_fn=_first_answer_postprocessor)
+
+
 @gin.configurable(module="ul2lab")
 def register_table_qa_jsonl_task(name: str = gin.REQUIRED,
                                  split_paths: Mapping[str, str] = gin.REQUIRED,
@@ -501,6 +537,7 @@ def _register_defaults():
                                ("embedded_text_ul2", _rate("text"))])
     register_wikitq_task(vocabulary=vocabulary)
     register_tabfact_task(vocabulary=vocabulary)
+    register_tabfact_table_split_task(vocabulary=vocabulary)
     register_table_eval_mixture()
 
 

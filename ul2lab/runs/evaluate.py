@@ -99,6 +99,37 @@ def evaluate(config, params, settings: EvalConfig, evaluator=None, step=None) ->
     return {task: {k: _plain(v) for k, v in values.items()} for task, values in all_metrics.result().items()}
 
 
+_jitted_score = jax.jit(decoding.score, static_argnums=1)  # one compilation per config and batch shape
+
+
+def heldout_loss(checkpoint_path: str, mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,
+                 num_batches: int = 4, split: str = "validation", seed: int = 0, step=None) -> dict:
+    """A checkpoint's held-out loss on a task's `split`: the mean cross entropy per real target token
+    (EOS included, no z-loss; the trainer's NUM_REAL_TARGET_TOKENS loss without its z-loss term) over
+    the first `num_batches` unpacked batches of the split, drawn with `seed`, so every checkpoint
+    given the same arguments is scored on the same examples. Returns {"loss", "tokens", "examples"}."""
+    config, params, _ = load_checkpoint(checkpoint_path, step)
+    task_modules.import_task_modules()
+    try:
+        pipeline.get_mixture_or_task(mixture_or_task_name)
+        batches = pipeline.seqio_batches(mixture_or_task_name, task_feature_lengths, batch_size,
+                                         seed=seed, pack=False, split=split)
+    except ValueError as e:
+        raise UserError(f"held-out loss on {mixture_or_task_name!r} ({split}): {e}") from None
+    total, tokens, examples = 0.0, 0, 0
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is None:
+            break
+        targets = batch["decoder_target_tokens"]
+        total -= float(np.sum(np.asarray(_jitted_score(params, config, batch["encoder_input_tokens"], targets))))
+        tokens += int(np.sum(targets > 0))
+        examples += int(np.sum(np.any(targets > 0, axis=-1)))
+    if not tokens:
+        raise UserError(f"{mixture_or_task_name!r} has no {split!r} examples to compute a held-out loss on")
+    return {"loss": total / tokens, "tokens": tokens, "examples": examples}
+
+
 def _pad_array(rows, batch_size: int) -> np.ndarray:
     length = max(len(r) for r in rows)
     return pad_rows([list(r[:length]) for r in rows], length, batch_size)
