@@ -77,6 +77,7 @@ def run_seed(s: harness.Scale, seed: int, work_dir: str) -> tuple:
                 [harness.model_gin(s), "runs/finetune.gin"],
                 [f"MODEL_DIR = {finetuned!r}", f"MIXTURE_OR_TASK_NAME = {task!r}",
                  f"INITIAL_CHECKPOINT_PATH = {model_dir!r}", f"TRAIN_STEPS = {s.finetune_steps}",
+                 f"TRAIN_STEPS_RELATIVE = {s.finetune_steps}",
                  f"BATCH_SIZE = {s.finetune_batch_size}", f"TASK_FEATURE_LENGTHS = {s.finetune_lengths()!r}",
                  f"TrainConfig.seed = {seed}", f"preset.vocab_size = {harness.EMBEDDED_VOCAB_MODEL_SIZE}",
                  "TrainConfig.num_devices = 1", "TrainConfig.tensorboard = False", "TrainConfig.log_period = 1"])

@@ -99,8 +99,10 @@ def gin_file(name: str, file: str) -> str:
 
 def pretrain_bindings(s: Scale, seed: int, model_dir: str, task: str, steps: int,
                       initial_checkpoint: Optional[str] = None) -> list:
-    """The gin bindings every pretraining phase shares (pass after the run and schedule files)."""
+    """The gin bindings every pretraining phase shares (pass after the run and schedule files). A phase
+    from `initial_checkpoint` continues its step (as t5x), so its length is TRAIN_STEPS_RELATIVE."""
     return [f"MODEL_DIR = {model_dir!r}", f"MIXTURE_OR_TASK_NAME = {task!r}", f"TRAIN_STEPS = {steps}",
+            f"TRAIN_STEPS_RELATIVE = {steps if initial_checkpoint else None}",
             f"BATCH_SIZE = {s.batch_size}", f"TASK_FEATURE_LENGTHS = {s.lengths()!r}",
             f"INITIAL_CHECKPOINT_PATH = {initial_checkpoint!r}", f"TrainConfig.seed = {seed}",
             f"preset.vocab_size = {EMBEDDED_VOCAB_MODEL_SIZE}", "TrainConfig.num_devices = 1",

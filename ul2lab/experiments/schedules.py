@@ -7,8 +7,8 @@ both schedules):
   infinite          one infinite schedule: warmup and cooldown once, then the constant rate; phase
                     k+1 continues the schedule where phase k stopped (`ul2lab train` does that when
                     INITIAL_CHECKPOINT_PATH is an infinite-schedule run)
-  infinite_anneal   at each phase end, `ul2lab anneal` branches off the infinite run's checkpoint at
-                    STEPS - ANNEAL_STEPS and anneals for ANNEAL_STEPS, so the branch ends at the same
+  infinite_anneal   at each phase end, `ul2lab anneal` branches off the infinite run's checkpoint
+                    ANNEAL_STEPS before the phase's end and anneals for ANNEAL_STEPS, so the branch ends at the same
                     step count as the cosine phase: equal total steps
 At every phase end, held-out loss on each data seen so far (text, and tables from phase 2 on):
 forgetting of earlier phases and adaptation to the current one.
@@ -63,15 +63,17 @@ def run_seed(s: harness.Scale, seed: int, work_dir: str) -> tuple:
         cosine = harness.train_phase(
             [harness.model_gin(s), "runs/pretrain_ul2.gin", "schedules/cosine.gin"],
             harness.pretrain_bindings(s, seed, dirs["cosine"], task, n, previous["cosine"])
-            + harness.cosine_bindings(s, n))
+            + harness.cosine_bindings(s, n) + [f"cosine_schedule.start_step = {-offset}"])  # re-warm
         infinite = harness.train_phase(
             [harness.model_gin(s), "runs/pretrain_ul2.gin", "schedules/infinite.gin"],
             harness.pretrain_bindings(s, seed, dirs["infinite"], task, n, previous["infinite"])
             + harness.infinite_bindings(s) + keep)
-        annealed = harness.anneal_branch(dirs["infinite"], dirs["infinite_anneal"], n - k, k, s.end_learning_rate)
+        # a phase continues the previous phase's step (as t5x), so phase i ends at step i * n
+        annealed = harness.anneal_branch(dirs["infinite"], dirs["infinite_anneal"], i * n - k, k,
+                                         s.end_learning_rate)
         previous = {"cosine": dirs["cosine"], "infinite": dirs["infinite"]}
         for arm, phase in (("cosine", cosine), ("infinite", infinite), ("infinite_anneal", annealed)):
-            curves[arm].append([{**point, "step": point["step"] + offset} for point in phase["history"]])
+            curves[arm].append(phase["history"])  # steps are already counted across the phases
         seen = sorted({d for d, _ in PHASES[:i]})
         for arm in ARMS:
             for name in seen:

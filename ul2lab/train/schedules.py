@@ -70,8 +70,11 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) 
 
 
 def cosine_schedule(peak_value: float, warmup_steps: int, total_steps: int,
-                    end_value: float = 0.0, init_value: float = 0.0) -> optax.Schedule:
-    """Linear warmup init_value -> peak_value, then cosine decay to end_value at total_steps."""
+                    end_value: float = 0.0, init_value: float = 0.0, start_step: int = 0) -> optax.Schedule:
+    """Linear warmup init_value -> peak_value, then cosine decay to end_value at total_steps.
+
+    start_step shifts the step counter, as the infinite schedule's does: a run from a checkpoint at
+    step S continues that step (as in t5x), and start_step = -S warms up again from its first step."""
     _check_positive("peak_value", peak_value)
     _check_positive("end_value", end_value, allow_zero=True)
     _check_steps("warmup_steps", warmup_steps)
@@ -79,8 +82,11 @@ def cosine_schedule(peak_value: float, warmup_steps: int, total_steps: int,
     if total_steps <= warmup_steps:
         raise ValueError(f"cosine schedule: total_steps ({total_steps}) must exceed warmup_steps "
                          f"({warmup_steps}); raise TRAIN_STEPS or shorten the warmup")
-    return optax.warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps,
-                                              decay_steps=total_steps, end_value=end_value)
+    schedule = optax.warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps,
+                                                  decay_steps=total_steps, end_value=end_value)
+    if isinstance(start_step, bool) or not isinstance(start_step, int):
+        raise ValueError(f"cosine schedule: start_step must be a whole number, got {start_step!r}")
+    return schedule if not start_step else (lambda step: schedule(step + start_step))
 
 
 def wsd_schedule(peak_value: float, warmup_steps: int, total_steps: int, decay_steps: int,
