@@ -113,7 +113,7 @@ def sentencepiece_vocab(path_of):
     return make
 
 
-def plan(denoisers, vocabulary_of=lambda request: None, lengths=None):
+def plan(denoisers, vocabulary_of=lambda request: request.getfixturevalue("tiny_vocabulary"), lengths=None):
     def make(tmp_path, request):
         return mixture.plan_denoisers(denoisers, lengths or {"inputs": 128, "targets": 32}, vocabulary_of(request))
     return make
@@ -251,7 +251,7 @@ def run_record_of_batch(batch_size):
         config = trainer.TrainConfig(model_dir=str(tmp_path / "run"), model=preset("tiny"),
                                      mixture_or_task_name="synthetic", task_feature_lengths={"inputs": 32, "targets": 32},
                                      train_steps=10, batch_size=batch_size, num_devices=1)
-        return trainer.data_position({"mixture_or_task_name": "synthetic", "data_batches": 6, "batch_size": 8,
+        return trainer.batches_to_skip({"mixture_or_task_name": "synthetic", "data_batches": 6, "batch_size": 8,
                                       "step": 6}, config)
     return make
 
@@ -345,7 +345,7 @@ def new_file_mode(tmp_path, request):
 def vocab_from_jsonl_without_field(tmp_path, request):
     from ul2lab.data import vocab
     write(tmp_path, {"d.jsonl": '{"body": "some words here"}\n'})
-    return vocab.train_from_files(str(tmp_path / "d.jsonl"), 100, str(tmp_path / "v"))
+    return vocab.train_from_files(str(tmp_path / "d.jsonl"), 300, str(tmp_path / "v"))
 
 
 # ---- the table of cases -------------------------------------------------------------------------
@@ -431,7 +431,8 @@ CASES = [
     ("vocab_not_sentencepiece", sentencepiece_vocab(lambda t, r: str(write(t, {"v.model": "hello\n"}) / "v.model")),
      raises(ValueError, r"vocabulary {tmp}/v.model is not a SentencePiece model")),
     ("vocab_without_extra_ids", plan("T5", vocabulary_of=no_extra_ids_vocabulary),
-     raises(ValueError, r"marks spans with sentinel ids but the vocabulary .* has no extra ids")),
+     raises(ValueError, r"marks spans with sentinel ids but the vocabulary .* has none; give the vocabulary at "
+                        r"least \d+ sentinels: `ul2lab vocab --extra_ids")),
     ("vocab_larger_than_the_model", check_run(register_wide_vocabulary_task, with_task=True,
                                               mixture_or_task_name="hostile_wide_vocabulary"),
      raises(trainer.ConfigError, r"the vocabulary of 'hostile_wide_vocabulary' has 100000 ids but the model's "

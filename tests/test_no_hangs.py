@@ -83,7 +83,7 @@ def test_tables_whose_headers_never_fit_are_an_error_naming_the_filter_and_setti
     register = f"""
     import ul2lab_tasks.tables as table_tasks
     name = table_tasks.register_table_corpus_task("hang_wide_tables", {str(tmp_path)!r},
-                                                   vocabulary=seqio.SentencePieceVocabulary({table_vocabulary.sentencepiece_model_file!r}))
+                                                   vocabulary=seqio.SentencePieceVocabulary({table_vocabulary.sentencepiece_model_file!r}, extra_ids=100))
     """
     result = run_child(CHECK_TASK.format(register=textwrap.dedent(register).replace("\n", "\n    "),
                                          model_dir=str(tmp_path / "run"), lengths={"inputs": 32, "targets": 32}))
