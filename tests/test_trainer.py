@@ -156,3 +156,22 @@ def test_a_resumed_run_compiles_the_train_step_once(tmp_path, caplog):
     compiles = [r.getMessage() for r in caplog.records
                 if "train_step" in r.getMessage() and r.getMessage().lstrip().startswith("Compiling")]
     assert len(compiles) == 1, compiles
+
+
+def test_a_run_from_a_checkpoint_continues_the_learning_rate_schedule_of_its_step(tmp_path):
+    """The step continues from INITIAL_CHECKPOINT_PATH's (t5x); optax evaluates the schedule at its own
+    step counts, so those must continue too. This schedule is 0 before step 3: with counts restarted at
+    0 the continued run's step 4 would not move the parameters."""
+    import jax.numpy as jnp
+    first = tmp_path / "first"
+    trainer.train(make_config(first, train_steps=3, async_checkpoints=False), synthetic_batches())
+    _, before, step = checkpoints.load_params(str(first))
+    assert step == 3
+    zero_then_constant = lambda count: jnp.where(count < 3, 0.0, 0.05)  # noqa: E731
+    second = tmp_path / "second"
+    trainer.train(make_config(second, train_steps=4, initial_checkpoint_path=str(first),
+                              learning_rate=zero_then_constant, async_checkpoints=False), synthetic_batches())
+    _, after, step = checkpoints.load_params(str(second))
+    assert step == 4
+    changed = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), before, after))
+    assert any(changed)

@@ -96,9 +96,10 @@ def restore_or_init(config: TrainConfig, ckpt, optimizer, abstract_state, state_
         print(f"resuming {config.model_dir} at step {step}", flush=True)
         return state, run
     if config.initial_checkpoint_path:
-        # as t5x: the parameters and the step counter continue (TRAIN_STEPS is absolute); the optimizer starts new
-        init = jax.jit(lambda params, step: step_lib.init_state(config.model, optimizer, config.seed, params
-                                                                ).replace(step=step),
+        # as t5x: the parameters and the step counter continue (TRAIN_STEPS is absolute); the optimizer's
+        # moments start new, its step counts continue (the learning-rate schedule reads them)
+        init = jax.jit(lambda params, step: at_step(step_lib.init_state(config.model, optimizer, config.seed,
+                                                                        params), step),
                        out_shardings=state_shardings)
         _, params, from_step = checkpoints.load_params(config.initial_checkpoint_path,
                                                         abstract_params=abstract_state.params)
@@ -107,6 +108,17 @@ def restore_or_init(config: TrainConfig, ckpt, optimizer, abstract_state, state_
         return init(params, np.asarray(from_step, np.int32)), None
     print(f"initializing a new model in {config.model_dir} (seed {config.seed})", flush=True)
     return new_state_fn(config.model, config.seed, optimizer, state_shardings)(), None
+
+
+def at_step(state, step):
+    """`state` moved to `step`: TrainState.step and every optax step count in its optimizer state.
+    optax schedules are evaluated at those counts, not at TrainState.step, so a fresh optimizer state
+    with counts at 0 would silently restart the learning-rate schedule of a run that continues a
+    checkpoint's step (a warmup from zero, or a re-warm that never happens)."""
+    def count(path, leaf):
+        name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
+        return jax.numpy.asarray(step, leaf.dtype) if name == "count" else leaf
+    return state.replace(step=step, opt_state=jax.tree_util.tree_map_with_path(count, state.opt_state))
 
 
 def new_state_fn(model_config: T5Config, seed: int, optimizer, state_shardings):
