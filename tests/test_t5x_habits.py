@@ -306,7 +306,7 @@ def test_use_cached_tasks_reads_the_cache_or_says_how_to_build_it(modules_dir, t
                       "--gin.MIXTURE_OR_TASK_NAME=t5x_user_task_cacheable", "--gin.EVAL_PERIOD=None", steps=1)
     assert cli.main(args + ["--gin.USE_CACHED_TASKS=True"]) == 2
     err = capsys.readouterr().err
-    assert "USE_CACHED_TASKS is True but task 't5x_user_task_cacheable' has no cache" in err
+    assert "USE_CACHED_TASKS is True but task 't5x_user_task_cacheable' is not cached" in err
     assert "cache_tasks_main" in err and not model_dir.exists()
     assert cli.main(args + ["--gin.USE_CACHED_TASKS=False"]) == 0
 

@@ -132,9 +132,10 @@ def test_continual_run_continues_an_infinite_schedule_and_re_warms_after_another
         ["models/t5_1_1_tiny.gin", "runs/continual_tables.gin"],
         [f"MODEL_DIR = '{tmp_path / 'new'}'", "TRAIN_STEPS = 10", f"INITIAL_CHECKPOINT_PATH = '{straight_run}'"])
     assert config.learning_rate.start_step is None
-    # from a run trained with the infinite schedule: carry on at its step (8), no re-warm
+    # from a run trained with the infinite schedule: the step continues from its step 8 (t5x), so the
+    # schedule needs no shift (its own start_step, 0): no re-warm
     resolved, note = train_run.resolve_schedule(config)
-    assert resolved.learning_rate.start_step == 8 and "infinite_schedule.start_step = 8" in note
+    assert resolved.learning_rate.start_step == 0 and "infinite_schedule.start_step = 0" in note
     assert "no re-warm" in capsys.readouterr().out
     # from a checkpoint trained with another schedule (an import-hf output has no config.gin): re-warm
     imported = tmp_path / "imported"
