@@ -307,7 +307,7 @@ def test_use_cached_tasks_reads_the_cache_or_says_how_to_build_it(modules_dir, t
     assert cli.main(args + ["--gin.USE_CACHED_TASKS=True"]) == 2
     err = capsys.readouterr().err
     assert "USE_CACHED_TASKS is True but task 't5x_user_task_cacheable' is not cached" in err
-    assert "cache_tasks_main" in err and not model_dir.exists()
+    assert "ul2lab cache --mixture_or_task t5x_user_task_cacheable" in err and not model_dir.exists()
     assert cli.main(args + ["--gin.USE_CACHED_TASKS=False"]) == 0
 
 
