@@ -71,27 +71,26 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
     return tokens_length, targets_length
 
 
-# Up to this many cuts, ranking the cut gaps by comparing each with every gap is faster than
-# sorting all gaps (measured on CPU: 2x faster at 7-10 cuts, 1.6x slower at 27).
-_MAX_CUTS_BY_COUNTING = 16
-
-
-def _segment_lengths_by_counting(noise, num_items: int, num_segments: int):
+def _segment_lengths_by_bucketing(noise, num_items: int, num_segments: int):
     """_random_segmentation's lengths from the same noise, without sorting all of it.
 
     The shuffle puts the k = num_segments - 1 ones at the sorted positions of gaps 0..k-1, so
     the cuts are those gaps' ranks in a stable ascending sort (ties: lower index first, as
-    tf.argsort orders them): rank(i) = #{j: noise_j < noise_i} + #{j < i: noise_j == noise_i}.
-    Segment s then spans the items between cut s - 1 and cut s.
+    tf.argsort orders them). Sort only the k cut values; every other gap j (index >= k, so after
+    any cut of equal value) lands in the bucket of cut values <= noise_j and pushes back every cut
+    above it: rank of the p-th smallest cut = p + #{j >= k: noise_j < that cut}. O(n log k) instead
+    of sorting all n gaps (measured on CPU, 14 rows: 1.5x faster at 478 gaps / 27 cuts, 2.5x at
+    300 / 99, equal at a few cuts). Segment s spans the items between cut s - 1 and cut s.
     """
     num_cuts = num_segments - 1
     batch_size = tf.shape(noise)[0]
     if num_cuts == 0:
         return tf.fill([batch_size, 1], num_items)
-    cut_noise = noise[:, :num_cuts, None]  # [batch, cuts, 1] against every gap [batch, 1, gaps]
-    earlier = np.arange(num_items - 1)[None, :] < np.arange(num_cuts)[:, None]
-    ahead = tf.where(earlier[None], noise[:, None, :] <= cut_noise, noise[:, None, :] < cut_noise)
-    ranks = tf.sort(tf.reduce_sum(tf.cast(ahead, tf.int32), axis=-1), axis=-1)
+    cut_noise = noise[:, :num_cuts]
+    sorted_cuts = tf.gather(cut_noise, tf.argsort(cut_noise, axis=-1, stable=True), batch_dims=1)
+    bucket = tf.searchsorted(sorted_cuts, noise[:, num_cuts:], side="right")  # 0..num_cuts
+    below = tf.math.bincount(bucket, minlength=num_cuts + 1, maxlength=num_cuts + 1, axis=-1)
+    ranks = tf.cumsum(below[:, :num_cuts], axis=-1) + tf.range(num_cuts)[None]
     ends = tf.concat([tf.fill([batch_size, 1], -1), ranks, tf.fill([batch_size, 1], num_items - 1)],
                      axis=1)
     return ends[:, 1:] - ends[:, :-1]
@@ -104,9 +103,8 @@ def _random_segmentation(batch_size, num_items, num_segments, seed):
     (seqio's stateless_shuffle: argsort of stateless uniform noise) and cut at the ones.
     """
     noise = tf.random.stateless_uniform([batch_size, num_items - 1], seed=seed)
-    if isinstance(num_items, int) and isinstance(num_segments, int) and \
-            num_segments - 1 <= _MAX_CUTS_BY_COUNTING and num_segments <= num_items:
-        return _segment_lengths_by_counting(noise, num_items, num_segments)
+    if isinstance(num_items, int) and isinstance(num_segments, int) and num_segments <= num_items:
+        return _segment_lengths_by_bucketing(noise, num_items, num_segments)
     shuffled_ones = tf.cast(tf.argsort(noise, axis=-1) < num_segments - 1, tf.int32)
     segment_id = tf.cumsum(tf.pad(shuffled_ones, [[0, 0], [1, 0]]), axis=-1)
     return tf.math.bincount(segment_id, minlength=num_segments, maxlength=num_segments, axis=-1)
