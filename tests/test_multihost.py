@@ -6,14 +6,9 @@ This file is also the worker: `python tests/test_multihost.py --process_id ...` 
 """
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MESH = {"data": 2, "fsdp": 1, "model": 2}   # data parallel across the 2 hosts, model parallel within
 STEPS, SAVE_AT = 6, 3
 
@@ -75,41 +70,10 @@ def worker_main(argv=None):
                    "local_devices": jax.local_device_count(), "losses": losses(result)}, f)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def run_two_hosts(model_dir, train_steps, out, cache_dir, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    # the restarted hosts find the first hosts' programs in the persistent compilation cache
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), env.get("PYTHONPATH", "")]))
-    address = f"localhost:{free_port()}"
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, "--coordinator_address", address, "--num_processes", "2",
-         "--process_id", str(i), "--model_dir", str(model_dir), "--train_steps", str(train_steps),
-         "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, f"host exited with {p.returncode}:\n{text[-4000:]}"
-    results = []
-    for i in range(2):
-        with open(f"{out}.{i}.json") as f:
-            results.append(json.load(f))
-    return results, outputs
+    from two_hosts import launch
+
+    return launch(__file__, out, ["--model_dir", model_dir, "--train_steps", train_steps], cache_dir, timeout)
 
 
 def as_steps(d):

@@ -9,12 +9,9 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MESH = {"data": 2, "fsdp": 1, "model": 2}
 LENGTHS = {"inputs": 32, "targets": 16}
 STEPS, SAVE_AT = 4, 2
@@ -77,34 +74,9 @@ def worker_main(argv=None):
 
 
 def run_two_hosts(tmp_path, name, model_dir, *extra, timeout=600):
-    from test_multihost import free_port
+    from two_hosts import launch
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), env.get("PYTHONPATH", "")]))
-    address, out = f"localhost:{free_port()}", tmp_path / name
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i),
-         "--model_dir", str(model_dir), "--out", str(out), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, f"host exited with {p.returncode}:\n{text[-4000:]}"
-    reports = []
-    for i in range(2):
-        with open(f"{out}.{i}.json") as f:
-            reports.append(json.load(f))
-    return reports, outputs
+    return launch(__file__, tmp_path / name, ["--model_dir", model_dir, *extra], tmp_path / "jax_cache", timeout)
 
 
 @pytest.mark.slow
