@@ -53,6 +53,7 @@ def tokenize_in_batches(dataset: tf.data.Dataset, output_features, batch_size: i
     text_keys = [k for k, spec in dataset.element_spec.items()
                  if k in output_features and spec.dtype == tf.string]
 
+    @tf.autograph.experimental.do_not_convert
     def encode(batch):
         return {k: output_features[k].vocabulary.encode_tf(v) if k in text_keys else v
                 for k, v in batch.items()}

