@@ -54,6 +54,7 @@ from ul2lab.data import linearize as lin
 from ul2lab.data import metrics
 from ul2lab.data import objectives
 from ul2lab.data import pipeline
+from ul2lab.data import skips
 from ul2lab.data import table_files
 from ul2lab.data import table_objectives
 from ul2lab.data import tables
@@ -207,7 +208,7 @@ def _table_cache(read: Callable[[str], tables.Table]):
         try:
             return read(path)
         except tables.TableReadError as e:
-            logging.warning("Skipping the questions on table %s: %s", path, e)
+            logging.debug("Unreadable table %s: %s", path, e)  # its questions are counted as skipped
             return None
     return get
 
@@ -262,16 +263,15 @@ def _wikitq_examples(questions_path: str, root: str) -> Iterator[dict]:
         for n, line in enumerate(f, 2):
             fields = dict(zip(header, line.rstrip("\n").split("\t")))
             if not {"utterance", "context", "targetValue"} <= fields.keys():
-                SKIPPED["wikitq_malformed_line"] += 1
-                logging.warning("Skipping line %d of %s: expected id, utterance, context, targetValue",
-                                n, questions_path)
+                skips.skipped("malformed WikiTQ lines (expected id, utterance, context, targetValue)",
+                              f"line {n} of {questions_path}", SKIPPED, "wikitq_malformed_line")
                 continue
             table_path = os.path.join(root, fields["context"])
             table = read(table_path)
             if table is None:
-                SKIPPED["wikitq_missing_table"] += 1
-                logging.warning("Skipping question %s: table file %s is missing or unreadable",
-                                fields.get("id", f"line {n}"), table_path)
+                skips.skipped("WikiTQ questions whose table file is missing or unreadable",
+                              f"question {fields.get('id', f'line {n}')} on {table_path}", SKIPPED,
+                              "wikitq_missing_table")
                 continue
             answers = [_unescape_wikitq(a) for a in fields["targetValue"].split("|")]
             # the official evaluator takes both the answers and their canon from the tagged file
@@ -295,8 +295,9 @@ def _tabfact_examples(data: dict, root: str) -> Iterator[dict]:
         try:
             table = tables.read_tabfact_csv(table_path, caption=caption, source=table_file)
         except tables.TableReadError as e:
-            SKIPPED["tabfact_missing_table"] += len(statements)
-            logging.warning("Skipping %d statements on %s: %s", len(statements), table_path, e)
+            skips.skipped("TabFact statements whose table file is missing or unreadable",
+                          f"{len(statements)} statements on {table_path} ({e})", SKIPPED,
+                          "tabfact_missing_table", count=len(statements))
             continue
         table_json = table.to_json()
         for i, (statement, label) in enumerate(zip(statements, labels)):
@@ -328,14 +329,13 @@ def _table_qa_jsonl_examples(path: str) -> Iterator[dict]:
                 else:
                     table = read(os.path.join(os.path.dirname(path), obj["table_file"]))
             except (json.JSONDecodeError, KeyError, TypeError, tables.TableReadError) as e:
-                SKIPPED["jsonl_malformed_line"] += 1
-                logging.warning("Skipping %s: %s (expected question, table or table_file, answers)",
-                                where, e)
+                skips.skipped("malformed table QA lines (expected question, table or table_file, answers)",
+                              f"{where}: {e}", SKIPPED, "jsonl_malformed_line")
                 continue
             if table is None:
-                SKIPPED["jsonl_missing_table"] += 1
-                logging.warning("Skipping %s: table file %s is missing or unreadable", where,
-                                os.path.join(os.path.dirname(path), obj["table_file"]))
+                skips.skipped("table QA lines whose table file is missing or unreadable",
+                              f"{where}: {os.path.join(os.path.dirname(path), obj['table_file'])}", SKIPPED,
+                              "jsonl_missing_table")
                 continue
             yield {"id": str(obj.get("id", where)), "question": question, "table": table.to_json(),
                    "answers": answers, "targets": ANSWER_SEPARATOR.join(answers)}
@@ -386,9 +386,9 @@ def linearize_question_and_table(dataset: tf.data.Dataset, sequence_length: Mapp
         result = lin.linearize(table, vocabulary, budget, prefix=question.decode("utf-8"),
                                config=config)
         if not result.fits:
-            SKIPPED["question_and_header_over_budget"] += 1
-            logging.warning("A question on %s does not fit: question and header exceed %d tokens "
-                            "(left out of training; counted wrong in evaluation)", table.source, budget)
+            skips.skipped(f"questions whose question and table header exceed the {budget}-token inputs "
+                          "(left out of training; counted wrong in evaluation)", f"a question on {table.source}",
+                          SKIPPED, "question_and_header_over_budget")
         return np.asarray(result.token_ids[:budget], np.int32), result.text.encode("utf-8"), result.fits
 
     def fn(ex):

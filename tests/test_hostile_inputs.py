@@ -459,8 +459,8 @@ CASES = [
                                          r"\(num_heads: 4 there, 2 now\)")),
     # issue 12: damaged or moved checkpoints ----------------------------------------------------
     ("checkpoint_bytes_corrupted_same_size", corrupted_checkpoint,
-     raises(checkpoints.CorruptCheckpointError, r"checkpoint {tmp}/ckpt/0 is corrupt: the content of params/\S+ "
-                                                r"does not match the checksum saved with it")),
+     raises(checkpoints.CorruptCheckpointError, r"checkpoint {tmp}/ckpt/0 is corrupt: (the content of params/\S+ "
+                                                r"does not match the checksum saved with it|its files cannot be decoded)")),
     ("checkpoint_params_nan", nonfinite_checkpoint,
      raises(checkpoints.CorruptCheckpointError, r"checkpoint {tmp}/ckpt/0 is corrupt: .* hold NaN or inf")),
     ("checkpoint_copied_elsewhere_without_its_vocabulary_file", copied_checkpoint,

@@ -4,6 +4,7 @@ aside and the previous one used), infer, eval and export-hf (a one-line error; a
 arrays are checked finite, and a run that skips every step as non-finite exits non-zero."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +19,18 @@ from ul2lab.train import checkpoints, integrity
 from ul2lab.train import loop as trainer
 
 
-def corrupt_largest_params_file(step_dir):
-    """4 KiB of garbage over the middle of the step's largest params file; its size stays the same."""
+# A damaged step reads either as arrays that differ from their checksums or, when the garbage lands on a
+# compressed chunk or the OCDBT index, as files tensorstore cannot decode: both are "corrupt"
+CORRUPT = re.compile(r"does not match the checksum saved with it|its files cannot be decoded")
+
+
+def corrupt_largest_params_file(step_dir, at=0.5):
+    """4 KiB of garbage at fraction `at` of the step's largest params file; its size stays the same."""
     files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, "params")) for f in names]
     largest = max(files, key=os.path.getsize)
     size = os.path.getsize(largest)
     with open(largest, "r+b") as f:
-        f.seek(size // 2)
+        f.seek(int(size * at))
         f.write(np.random.default_rng(0).integers(0, 256, min(4096, size // 4), dtype=np.uint8).tobytes())
     assert os.path.getsize(largest) == size
     return largest
@@ -77,7 +83,7 @@ def test_read_only_commands_refuse_corrupted_bytes_in_one_line(trained_run, comm
     assert len(errors) == 1, captured
     err = errors[0]
     assert f"{run}/6 is corrupt" in err, err
-    assert "does not match the checksum" in err, err
+    assert CORRUPT.search(err), err
     # nothing was written
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "hf" / "model.safetensors").exists()
 
@@ -88,7 +94,7 @@ def test_train_sets_a_corrupted_step_aside_and_resumes_from_the_previous_one(tra
     result = trainer.train(make_config(run, train_steps=8, async_checkpoints=False), synthetic_batches())
     out = capsys.readouterr().out
     assert f"restoring step 6 of {run}" in out  # said before the (slow) restore starts
-    assert "does not match the checksum" in out and "trying the previous one" in out
+    assert CORRUPT.search(out) and "trying the previous one" in out
     assert result["history"][0]["step"] == 4  # resumed from step 3
     aside = [d for d in os.listdir(run) if d.startswith("corrupt-6-")]
     assert len(aside) == 1  # kept for inspection, not deleted
@@ -112,3 +118,14 @@ def test_a_run_whose_every_step_is_skipped_as_nonfinite_stops_nonzero(tmp_path):
                          async_checkpoints=False)
     with pytest.raises(trainer.TrainingStopped, match=r"every step this run took \(3\) had a non-finite"):
         trainer.train(config, synthetic_batches())
+
+
+@pytest.mark.parametrize("at", [0.1, 0.3, 0.5, 0.7, 0.95])
+def test_damage_anywhere_in_the_params_files_is_called_corrupt(trained_run, tmp_path, at):
+    """Wherever the bytes are damaged (array data, a compressed chunk, the index), loading says the
+    step is corrupt, never "do not fit this model" (tensorstore's decode error was misread as that)."""
+    run = copy_run(trained_run, tmp_path)
+    corrupt_largest_params_file(run / "6", at=at)
+    with pytest.raises(checkpoints.CorruptCheckpointError, match=f"{run}/6 is corrupt: ") as caught:
+        checkpoints.load_params(str(run), step=6)
+    assert CORRUPT.search(str(caught.value)), caught.value

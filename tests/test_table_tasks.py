@@ -7,7 +7,7 @@ import gin
 import pytest
 import seqio
 
-from ul2lab.data import vocab
+from ul2lab.data import skips, vocab
 from ul2lab_tasks import tables as table_tasks
 
 LENGTHS = {"inputs": 256, "targets": 64}
@@ -75,11 +75,15 @@ def examples(task, split="validation", lengths=LENGTHS):
 def test_wikitq_examples_and_missing_table_is_skipped_counted_and_logged(qa_tasks, caplog):
     wikitq = qa_tasks[0]
     before = table_tasks.SKIPPED["wikitq_missing_table"]
+    skips.reset()
     with caplog.at_level(logging.WARNING):
         got = examples(wikitq)
+        examples(wikitq)  # read again (every epoch and evaluation does): counted, not said again
     assert [e["id"].decode() for e in got] == ["nt-0", "nt-1", "nt-2", "nt-3"]
-    assert table_tasks.SKIPPED["wikitq_missing_table"] == before + 1
-    assert "csv/204-csv/99.csv" in caplog.text
+    assert table_tasks.SKIPPED["wikitq_missing_table"] == before + 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "csv/204-csv/99.csv" in warnings[0], warnings
+    assert "2 WikiTQ questions whose table file is missing or unreadable" in skips.summary()
     first = got[0]
     assert first["inputs_pretokenized"].decode() == (
         "which city hosted in 2004? ; col : Year | City | Notes "

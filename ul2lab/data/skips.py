@@ -15,14 +15,14 @@ COUNTS: collections.Counter = collections.Counter()  # kind -> items skipped in 
 
 
 def skipped(kind: str, detail: str, counter: Optional[MutableMapping] = None,
-            key: Optional[str] = None) -> None:
-    """Counts one skipped item of `kind` (a plural noun phrase: "unreadable tables"), also in
+            key: Optional[str] = None, count: int = 1) -> None:
+    """Counts `count` skipped items of `kind` (a plural noun phrase: "unreadable tables"), also in
     `counter[key]` when given (the reader's own statistics); warns on the first of its kind."""
     with _lock:
-        COUNTS[kind] += 1
-        first = COUNTS[kind] == 1
+        first = COUNTS[kind] == 0
+        COUNTS[kind] += count
         if counter is not None:
-            counter[key or kind] += 1
+            counter[key or kind] += count
     if first:
         logging.warning("Skipping %s, e.g. %s (more are counted, not listed: see the summary line)",
                         kind, detail)

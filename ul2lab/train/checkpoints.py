@@ -320,7 +320,11 @@ def load_params(directory: str, step: Optional[int] = None,
             restored = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params), **_checksums_restore(directory, step)))
         except (ValueError, KeyError, TypeError) as e:
+            _raise_if_unreadable(e, directory, step)
             raise CheckpointError(f"{what} do not fit this model: {e}") from e
+        except Exception as e:  # noqa: BLE001  orbax re-raises tensorstore's read errors as Exception
+            _raise_if_unreadable(e, directory, step)
+            raise
         except Exception as e:  # noqa: BLE001  tensorstore / orbax errors of damaged files
             raise CorruptCheckpointError(f"checkpoint {os.path.join(directory, str(step))} cannot be read "
                                          f"({one_line(e)}); use another step (or restore it from a copy)") from e
@@ -396,9 +400,13 @@ class RunCheckpoints:
                 opt_state=ocp.args.StandardRestore(abstract_opt_state), run=ocp.args.JsonRestore(),
                 **_checksums_restore(self.directory, step)))
         except (ValueError, KeyError, TypeError) as e:
+            _raise_if_unreadable(e, self.directory, step)
             raise CheckpointError(f"could not restore step {step} of {self.directory}: its parameters or "
                                   f"optimizer state do not match this run's model and optimizer ({e}). "
                                   "Resume with the settings that wrote it, or choose a new MODEL_DIR") from e
+        except Exception as e:  # noqa: BLE001  orbax re-raises tensorstore's read errors as Exception
+            _raise_if_unreadable(e, self.directory, step)
+            raise
         what = f"step {step} of {self.directory}: its parameters or optimizer state"
         _check_shapes(restored["params"], abstract_params, what)
         _check_shapes(restored["opt_state"], abstract_opt_state, what)
@@ -452,6 +460,23 @@ def _checksums_restore(directory: str, step: int) -> dict:
     if os.path.isdir(os.path.join(directory, str(step), CHECKSUMS_ITEM)):
         return {CHECKSUMS_ITEM: ocp.args.JsonRestore()}
     return {}
+
+
+# what tensorstore says when a step's bytes cannot be decoded (a damaged compressed chunk or index of
+# the OCDBT files), as opposed to a tree or shape that does not match the model
+_UNREADABLE_MARKERS = ("DATA_LOSS", "FAILED_PRECONDITION: Error reading", "Error decoding")
+
+
+def _raise_if_unreadable(error: BaseException, directory: str, step: int):
+    """CorruptCheckpointError when `error` or what caused it (orbax wraps tensorstore's error in a
+    plain Exception) says the step's bytes cannot be decoded; otherwise returns."""
+    seen = error
+    while seen is not None:
+        if any(marker in str(seen) for marker in _UNREADABLE_MARKERS):
+            raise CorruptCheckpointError(
+                f"checkpoint {os.path.join(directory, str(step))} is corrupt: its files cannot be decoded "
+                f"({one_line(seen)[:300]}). Use another step (or restore this one from a copy)") from error
+        seen = seen.__cause__ or seen.__context__
 
 
 def verify(restored: dict, directory: str, step: int):
