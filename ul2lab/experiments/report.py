@@ -143,18 +143,26 @@ def generated_section(readme_text: str) -> str:
 
 
 def bar_plot(results: Sequence[dict], sections: Sequence[Section], path: str):
-    """One panel per metric: each row's mean with its 95% interval."""
+    """One panel per metric: each row's mean with its 95% interval. A section of one row (a probe of
+    one model) is one panel with its metrics side by side, on one axis, so they can be compared."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [(sec, metric, label) for sec in sections for metric, label in sec["columns"]]
+    panels = []  # (title, [(x label, result key)])
+    for sec in sections:
+        if len(sec["rows"]) == 1:
+            row, row_label = sec["rows"][0]
+            panels.append((row_label, [(label, f"{row}/{metric}") for metric, label in sec["columns"]]))
+        else:
+            panels.extend((label, [(row_label, f"{row}/{metric}") for row, row_label in sec["rows"]])
+                          for metric, label in sec["columns"])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
-    for ax, (sec, metric, label) in zip(axes[0], panels):
+    for ax, (title, points) in zip(axes[0], panels):
         names, means, halves = [], [], []
-        for row, row_label in sec["rows"]:
-            mean, half, n = mean_interval(column(results, f"{row}/{metric}"))
+        for name, key in points:
+            mean, half, n = mean_interval(column(results, key))
             if n:
-                names.append(row_label)
+                names.append(name)
                 means.append(mean)
                 halves.append(0.0 if math.isnan(half) else half)
         # points, not bars: losses differ in the second decimal, which bars from 0 would hide
@@ -162,7 +170,7 @@ def bar_plot(results: Sequence[dict], sections: Sequence[Section], path: str):
         ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
 
