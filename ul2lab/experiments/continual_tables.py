@@ -78,9 +78,8 @@ def run_seed(s: harness.Scale, seed: int, work_dir: str) -> tuple:
                 [f"MODEL_DIR = {finetuned!r}", f"MIXTURE_OR_TASK_NAME = {task!r}",
                  f"INITIAL_CHECKPOINT_PATH = {model_dir!r}", f"TRAIN_STEPS = {s.finetune_steps}",
                  f"TRAIN_STEPS_RELATIVE = {s.finetune_steps}",
-                 f"BATCH_SIZE = {s.finetune_batch_size}", f"TASK_FEATURE_LENGTHS = {s.finetune_lengths()!r}",
-                 f"TrainConfig.seed = {seed}", f"preset.vocab_size = {harness.EMBEDDED_VOCAB_MODEL_SIZE}",
-                 "TrainConfig.num_devices = 1", "TrainConfig.tensorboard = False", "TrainConfig.log_period = 1"])
+                 f"BATCH_SIZE = {s.finetune_batch_size}", f"TASK_FEATURE_LENGTHS = {s.finetune_lengths()!r}"]
+                + harness.run_bindings(seed))
             scores = harness.eval_task(finetuned, task, s, os.path.join(finetuned, "eval.json"))
             measurements[f"{arm}/{name}_accuracy"] = float(scores[metric])
     return measurements, {"curves": curves}

@@ -104,9 +104,16 @@ def pretrain_bindings(s: Scale, seed: int, model_dir: str, task: str, steps: int
     return [f"MODEL_DIR = {model_dir!r}", f"MIXTURE_OR_TASK_NAME = {task!r}", f"TRAIN_STEPS = {steps}",
             f"TRAIN_STEPS_RELATIVE = {steps if initial_checkpoint else None}",
             f"BATCH_SIZE = {s.batch_size}", f"TASK_FEATURE_LENGTHS = {s.lengths()!r}",
-            f"INITIAL_CHECKPOINT_PATH = {initial_checkpoint!r}", f"TrainConfig.seed = {seed}",
-            f"preset.vocab_size = {EMBEDDED_VOCAB_MODEL_SIZE}", "TrainConfig.num_devices = 1",
-            "TrainConfig.tensorboard = False", "TrainConfig.log_period = 1"]
+            f"INITIAL_CHECKPOINT_PATH = {initial_checkpoint!r}"] + run_bindings(seed)
+
+
+def run_bindings(seed: int) -> list:
+    """What every run of an experiment sets: its seed, the embedded vocabulary's model size, one
+    device, no TensorBoard, and no evaluation during training (the experiment measures held-out loss
+    and accuracy itself, on the same batches for every arm)."""
+    return [f"TrainConfig.seed = {seed}", f"preset.vocab_size = {EMBEDDED_VOCAB_MODEL_SIZE}",
+            "TrainConfig.num_devices = 1", "TrainConfig.tensorboard = False", "TrainConfig.log_period = 1",
+            "EVAL_PERIOD = None"]
 
 
 def cosine_bindings(s: Scale, steps: int) -> list:
