@@ -1,4 +1,4 @@
-"""`python -m ul2lab.experiments NAME [--scale reduced] [--seeds 0,1,2]`: run an experiment and
+"""`python -m ul2lab.experiments NAME [--scale smoke|reduced|full] [--seeds 0,1,2]`: run an experiment and
 regenerate experiments/NAME/README.md's results and plot; `--report_only` regenerates them from the
 committed results/*.json without training."""
 import argparse
@@ -11,8 +11,9 @@ def parse(argv):
     from ul2lab.experiments import harness, runner
     parser = argparse.ArgumentParser(prog="python -m ul2lab.experiments", description=__doc__)
     parser.add_argument("name", choices=sorted(runner.EXPERIMENTS))
-    parser.add_argument("--scale", default="full", choices=sorted(harness.SCALES),
-                        help="run sizes (ul2lab/experiments/harness.py SCALES); full is what the README describes")
+    parser.add_argument("--scale", default=None, choices=sorted(harness.SCALES),
+                        help="run sizes (ul2lab/experiments/harness.py SCALES); default: the experiment's "
+                             "DEFAULT_SCALE, the one its README reports (<= 45 minutes on 2 CPU cores)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override one field of the scale, e.g. --set steps_per_phase=100 (repeatable)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for intervals)")
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
                 seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
             except ValueError:
                 raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
-            out = runner.run(args.name, harness.scale(args.scale, **harness.parse_overrides(args.set)), seeds, args.work_dir, args.results_dir,
+            scale_name = args.scale or runner.module(args.name).DEFAULT_SCALE
+            out = runner.run(args.name, harness.scale(scale_name, **harness.parse_overrides(args.set)), seeds, args.work_dir, args.results_dir,
                              args.readme, args.data_dir, args.keep_runs)
         print(out["section"])
         print(f"wrote {out['readme']}" + (f" and {out['plot']}" if out["plot"] else ""))

@@ -20,6 +20,7 @@ from ul2lab.experiments import harness, report
 from ul2lab_tasks import tables as table_tasks
 
 NAME = "continual_tables"
+DEFAULT_SCALE = "reduced"  # what `python -m ul2lab.experiments continual_tables` runs: ≤ 45 min on 2 CPU cores
 ARMS = {"tables": "continued on tables + text", "text": "continued on text only", "none": "not continued"}
 CONTINUE_TASKS = {"tables": "embedded_continual_tables", "text": "embedded_text_ul2"}
 HELDOUT = {"text": "embedded_text_ul2", "tables": "embedded_tables_ul2"}

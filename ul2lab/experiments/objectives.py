@@ -14,6 +14,7 @@ from ul2lab.experiments import harness, report
 from ul2lab_tasks import text as text_tasks
 
 NAME = "objectives"
+DEFAULT_SCALE = "full"  # what `python -m ul2lab.experiments objectives` runs: ≤ 45 min on 2 CPU cores
 OBJECTIVES = {  # arm -> (task, what it is)
     "ul2": ("embedded_text_ul2", "UL2 MoD (R, X, S with mode tokens)"),
     "t5": ("embedded_text_t5", "T5 span corruption R(3, 0.15)"),

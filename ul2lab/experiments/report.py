@@ -107,9 +107,13 @@ def results_section(results: Sequence[dict], sections: Sequence[Section],
     lines = [f"Scale `{s['name']}`, seeds {seeds} ({len(seeds)} runs, {minutes:.0f} min of wall time in all, "
              f"on the machine and load of the run): "
              + ", ".join(f"{k}={v}" for k, v in s.items() if k != "name") + ".", ""]
-    if s["name"] != "full":
-        lines += [f"These numbers come from the `{s['name']}` scale, not the `full` configuration "
-                  "this README describes; the full configuration has not been run yet.", ""]
+    if s["name"] == "smoke":
+        lines += ["These numbers come from the `smoke` scale (2 steps per phase: a check that the pipeline "
+                  "runs), not from a configuration that measures anything.", ""]
+    elif s["name"] != "full":
+        lines += [f"These numbers come from the `{s['name']}` scale, the one this README's command runs "
+                  "(within 45 minutes on 2 CPU cores); the larger `full` scale "
+                  "(`ul2lab/experiments/harness.py`, SCALES) has not been run.", ""]
     for section in sections:
         lines += [markdown_table(results, section["title"], section["rows"], section["columns"],
                                  section.get("digits", 3)), ""]
