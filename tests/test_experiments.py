@@ -193,7 +193,10 @@ def test_results_section_marks_a_reduced_scale_and_regenerates_identically(tmp_p
     results = fake_results([(1.0, 2.0), (1.1, 2.1), (0.9, 2.05)])
     sections = [{"title": "T", "rows": [("a", "A"), ("b", "B")], "columns": [("x", "X")]}]
     text = report.results_section(results, sections, [("a/x", "b/x", "x", True)], None)
-    assert "not the `full` configuration" in text
+    assert "These numbers come from the `reduced` scale" in text and "`full` scale" in text
+    assert "has not been run" in text
+    smoke = report.results_section([dict(r, scale={"name": "smoke"}) for r in results], sections, [], None)
+    assert "not from a configuration that measures anything" in smoke
     assert "| A | 1.000 ± 0.248 |" in text  # mean 1.0, sd 0.1, t(2) 4.303 / sqrt(3)
     readme = tmp_path / "README.md"
     readme.write_text(f"# t\n{report.BEGIN}\nold\n{report.END}\nafter\n")
