@@ -126,6 +126,16 @@ def _summary(trials, text_tokens, lengths, setup):
     return out
 
 
+def _cpu_model():
+    """The CPU's name: absolute figures differ between machines (the ratios much less)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        "unknown")
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="passes over the corpus")
@@ -174,7 +184,8 @@ def main(argv=None):
             "runs": args.runs, "per_core": "median time.process_time() of the process",
             "setup": "each pipeline is built (traced) once; setup_cpu_seconds = build + the first, "
                      "untimed pass; the timed passes read the same dataset again, as a run does",
-            "cpu_cores_available": len(os.sched_getaffinity(0)), "tensorflow": tf.__version__,
+            "cpu_cores_available": len(os.sched_getaffinity(0)), "cpu_model": _cpu_model(),
+            "tensorflow": tf.__version__,
             "load_average_1m_before_after": [round(load_before[0], 2),
                                              round(os.getloadavg()[0], 2)]}}
     for name, entry in pipelines.items():
