@@ -5,6 +5,9 @@ arrays are checked finite, and a run that skips every step as non-finite exits n
 import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +132,38 @@ def test_damage_anywhere_in_the_params_files_is_called_corrupt(trained_run, tmp_
     with pytest.raises(checkpoints.CorruptCheckpointError, match=f"{run}/6 is corrupt: ") as caught:
         checkpoints.load_params(str(run), step=6)
     assert CORRUPT.search(str(caught.value)), caught.value
+
+
+# damage offsets of the trained_run's largest params file whose garbage lands on compressed chunks or the
+# OCDBT index, so tensorstore fails to decode it (a fixed seed makes the same files every run)
+DECODE_FAILURES = (0.0, 0.2, 0.4, 0.99)
+
+
+def test_a_step_that_cannot_be_decoded_prints_one_line_and_no_traceback(trained_run, tmp_path):
+    """When one read of a restore fails to decode, orbax abandons the others: they end later, at exit or
+    in the middle of a run, and each printed a traceback of its own (hundreds of lines after the one-line
+    error, about every other time). A separate process, as a user runs it: stderr is the errors alone."""
+    runs = []
+    for at in DECODE_FAILURES:
+        run = tmp_path / f"run{at}"
+        __import__("shutil").copytree(trained_run, run)
+        corrupt_largest_params_file(run / "6", at=at)
+        runs.append(str(run))
+    script = textwrap.dedent("""
+        import sys
+        from ul2lab.train import checkpoints
+        for attempt in range(3):
+            for run in sys.argv[1:]:
+                try:
+                    checkpoints.load_params(run, step=6)
+                except checkpoints.CorruptCheckpointError as e:
+                    print("refused:", str(e).splitlines()[0][:160], file=sys.stderr, flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, *runs], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("I0000", "E0000", "W0000"))]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) == 3 * len(runs) and all(line.startswith("refused:") for line in lines), lines
+    decoded = sum("its files cannot be decoded" in line for line in lines)
+    assert decoded >= 3, f"the offsets {DECODE_FAILURES} no longer hit the decode path: {lines}"

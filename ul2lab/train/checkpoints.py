@@ -16,8 +16,11 @@ finite; a step that fails is a CorruptCheckpointError naming the step and the ar
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -284,6 +287,7 @@ def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
 
     def loader(keys, leaf):
         def load():
+            _silence_abandoned_reads()
             restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
                 item=nested(keys, leaf), restore_args=nested(keys, ocp.RestoreArgs(restore_type=np.ndarray)),
                 partial_restore=True))
@@ -316,6 +320,7 @@ def load_params(directory: str, step: Optional[int] = None,
         if step not in steps:
             raise CheckpointError(f"{directory} has no checkpoint at step {step}; it has steps {sorted(steps)}")
         what = f"the parameters in {directory} (step {step})"
+        _silence_abandoned_reads()
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params), **_checksums_restore(directory, step)))
@@ -324,8 +329,6 @@ def load_params(directory: str, step: Optional[int] = None,
             raise CheckpointError(f"{what} do not fit this model: {e}") from e
         except Exception as e:  # noqa: BLE001  orbax re-raises tensorstore's read errors as Exception
             _raise_if_unreadable(e, directory, step)
-            raise
-        except Exception as e:  # noqa: BLE001  tensorstore / orbax errors of damaged files
             raise CorruptCheckpointError(f"checkpoint {os.path.join(directory, str(step))} cannot be read "
                                          f"({one_line(e)}); use another step (or restore it from a copy)") from e
     if abstract_params is not None:
@@ -394,6 +397,7 @@ class RunCheckpoints:
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Tuple[Any, Any, dict]:
         """(params, opt_state, run dict) of `step`, laid out as the abstract trees' shardings say."""
+        _silence_abandoned_reads()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),
@@ -477,6 +481,54 @@ def _raise_if_unreadable(error: BaseException, directory: str, step: int):
                 f"checkpoint {os.path.join(directory, str(step))} is corrupt: its files cannot be decoded "
                 f"({one_line(seen)[:300]}). Use another step (or restore this one from a copy)") from error
         seen = seen.__cause__ or seen.__context__
+
+
+_HOOK_LOCK = threading.Lock()
+_ORBAX_CODE = f"{os.sep}orbax{os.sep}"
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    """An exception Python cannot raise anywhere, left by an orbax restore that already failed: the
+    sibling reads' coroutines (orbax turns their GeneratorExit into an Exception when they are
+    closed) and tensorstore's callbacks into the event loop orbax closed ("Event loop is closed")."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and _ORBAX_CODE in code.co_filename:
+        return True
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+class _AbandonedReadTasks(logging.Filter):
+    """asyncio's reports of the reads of an orbax restore that failed: a task whose exception nobody
+    awaited (gather raised the first one) or one still pending when orbax closed its loop."""
+    REPORTS = ("Task exception was never retrieved", "Future exception was never retrieved",
+               "Task was destroyed but it is pending")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith(self.REPORTS) and _ORBAX_CODE in message)
+
+
+def _silence_abandoned_reads():
+    """Installed before every restore (once per process): when a step's files fail to decode, the
+    other reads of that restore end later, some before the error reaches us, each one printing a
+    traceback (hundreds of lines, at exit or in the middle of training) that says nothing the
+    CorruptCheckpointError does not. Drop those; pass every other unraisable exception and asyncio
+    log record on."""
+    with _HOOK_LOCK:
+        if getattr(sys.unraisablehook, "ul2lab_filters_abandoned_reads", False):
+            return
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not _is_abandoned_read(unraisable):
+                previous(unraisable)
+
+        hook.ul2lab_filters_abandoned_reads = True
+        sys.unraisablehook = hook
+        asyncio_logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_AbandonedReadTasks())
 
 
 def verify(restored: dict, directory: str, step: int):
