@@ -204,3 +204,19 @@ def test_table_mod_plans_like_the_text_mixture(vocabulary):
         assert len(marks) == plan.max_sentinels <= 20
         np.testing.assert_array_equal(marks, first - np.arange(len(marks)))
         np.testing.assert_array_equal(ex["inputs"][ex["inputs"] >= lowest], marks)
+
+
+def test_packing_is_quiet_about_the_table_statistics_and_not_about_other_features(caplog):
+    """seqio's packer warns about every feature outside the lengths; the table masks' statistics are meant
+    to be dropped there (a warning on every run of the demo), a feature of the user's is still named."""
+    from ul2lab.data import pipeline  # noqa: F401  installs the log filter, as every ul2lab run does
+    statistics = {k: 1 for k in table_objectives.STATISTICS_FEATURES if k != "table_text"}
+    for extra, warned in ((dict(statistics, table_text="a | b"), False), ({"my_feature": 3}, True)):
+        caplog.clear()
+        example = dict({"inputs": [5, 6, 7], "targets": [8, 9]}, **extra)
+        with caplog.at_level("WARNING"):
+            seqio.utils.trim_and_pack_dataset(tf.data.Dataset.from_tensors(example), {"inputs": 8, "targets": 8})
+        messages = [r.getMessage() for r in caplog.records if "removed during packing" in r.getMessage()]
+        assert bool(messages) == warned, (extra, messages)
+        if warned:
+            assert "my_feature" in messages[0]

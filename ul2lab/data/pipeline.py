@@ -28,16 +28,24 @@ from ul2lab.data.host_batches import HostBatches
 from ul2lab.data.objectives import mixture
 
 
-class _DropSeqioUncachedWarning(logging.Filter):
-    """seqio warns, on every dataset it builds, that an uncached FunctionDataset shuffles poorly on
-    restarts. It does not apply here: a resumed run restores or replays its data position exactly
-    (same seed, same order), so the warning only buries the progress lines."""
+class _DropSeqioNoise(logging.Filter):
+    """Two seqio warnings that say nothing to a ul2lab user. On every dataset it builds, that an
+    uncached FunctionDataset shuffles poorly on restarts: a resumed run here restores or replays its
+    data position exactly (same seed, same order). When packing, that features outside the lengths are
+    removed: when they are the table masks' statistics (table_objectives.STATISTICS_FEATURES), which
+    are there for inspection; any other feature is still reported."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Using an uncached FunctionDataset")
+        message = str(record.msg)
+        if message.startswith("Using an uncached FunctionDataset"):
+            return False
+        if message.startswith("Features not in `features_length` will be removed during packing") and \
+                record.args and set(record.args[0]) <= set(table_objectives.STATISTICS_FEATURES):
+            return False
+        return True
 
 
-logging.getLogger("absl").addFilter(_DropSeqioUncachedWarning())
+logging.getLogger("absl").addFilter(_DropSeqioNoise())
 
 
 # source records a task may read without producing one example before it is declared empty

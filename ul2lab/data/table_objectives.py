@@ -46,6 +46,11 @@ LinearizeConfig = gin.external_configurable(lin.LinearizeConfig, module="ul2lab"
 SKIPPED = collections.Counter()
 
 
+# what the table masks output beside inputs/targets, for inspection and tests: a model's feature
+# converter drops them (data/pipeline.py keeps seqio from warning about that on every run)
+STATISTICS_FEATURES = ("denoiser", "num_masked", "num_sentinels", "rows_cut_for_sentinels", "table_text")
+
+
 def body_rows(linearized: lin.Linearized) -> np.ndarray:
     """Per token, the body row it belongs to (0, 1, ... in order; its label and separators too),
     or -1 for what comes before the body (prefix, title, header)."""
