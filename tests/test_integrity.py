@@ -5,6 +5,7 @@ arrays are checked finite, and a run that skips every step as non-finite exits n
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,7 +50,6 @@ def trained_run(tmp_path_factory, tiny_vocabulary):
 
 
 def copy_run(run, tmp_path):
-    import shutil
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
 
@@ -146,7 +146,7 @@ def test_a_step_that_cannot_be_decoded_prints_one_line_and_no_traceback(trained_
     runs = []
     for at in DECODE_FAILURES:
         run = tmp_path / f"run{at}"
-        __import__("shutil").copytree(trained_run, run)
+        shutil.copytree(trained_run, run)
         corrupt_largest_params_file(run / "6", at=at)
         runs.append(str(run))
     script = textwrap.dedent("""

@@ -276,6 +276,7 @@ def param_arrays(directory: str, step: Optional[int] = None) -> Tuple[T5Config, 
 def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
     """{"/"-joined path: LazyArray} of an orbax PyTree directory (a step's `params`, or t5x's orbax
     `state`), each leaf read alone (an orbax partial restore) when loaded."""
+    _silence_abandoned_reads()
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(pytree_dir)
     tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
@@ -287,7 +288,6 @@ def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
 
     def loader(keys, leaf):
         def load():
-            _silence_abandoned_reads()
             restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
                 item=nested(keys, leaf), restore_args=nested(keys, ocp.RestoreArgs(restore_type=np.ndarray)),
                 partial_restore=True))
