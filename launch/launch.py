@@ -9,7 +9,8 @@ Multi-host set-up is left to `ul2lab train` itself: on TPU pods and under SLURM
     python launch/launch.py gke   --name ul2 --image IMAGE --tpu_type v5p --tpu_topology 2x2x4 \
                                   --num_hosts 4 --dry_run -- --gin_file=...
 
-`--dry_run` prints exactly what would be run (or submitted) and changes nothing.
+`--dry_run` prints exactly what would be run (or submitted) and changes nothing; it and `--workdir`
+may come before or after the target.
 Everything after `--` is passed to `ul2lab train` unchanged.
 """
 import argparse
@@ -129,21 +130,31 @@ def _require(program):
         sys.exit(f"launch: `{program}` is not on PATH; install it, or use --dry_run to see the command")
 
 
+def add_shared_options(parser, default):
+    """--workdir and --dry_run, accepted before the target and after it."""
+    parser.add_argument("--workdir", default=default, help="directory to cd into on each host")
+    parser.add_argument("--dry_run", action="store_true", default=default,
+                        help="print what would run; change nothing")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own_args = argv[:argv.index("--")] if "--" in argv else argv
 
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default=None, help="directory to cd into on each host")
-    parser.add_argument("--dry_run", action="store_true", help="print what would run; change nothing")
+    add_shared_options(parser, default=None)
+    # the same options after the target (`launch.py tpu ... --dry_run`), as the README types them; there
+    # they default to SUPPRESS, so a target that omits them keeps what was given before it
+    shared = argparse.ArgumentParser(add_help=False)
+    add_shared_options(shared, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="target", required=True)
-    tpu = sub.add_parser("tpu", help="TPU VM pod via gcloud ssh --worker=all")
+    tpu = sub.add_parser("tpu", parents=[shared], help="TPU VM pod via gcloud ssh --worker=all")
     tpu.add_argument("--tpu_name", required=True)
     tpu.add_argument("--zone", required=True)
     tpu.add_argument("--project", default=None)
     tpu.add_argument("--setup", default=None, help="a command to run on every worker first, e.g. pip install")
-    slurm = sub.add_parser("slurm", help="multi-node GPU job via sbatch + srun")
+    slurm = sub.add_parser("slurm", parents=[shared], help="multi-node GPU job via sbatch + srun")
     slurm.add_argument("--nodes", type=int, required=True)
     slurm.add_argument("--gpus_per_node", type=int, default=8)
     slurm.add_argument("--cpus_per_task", type=int, default=12)
@@ -152,7 +163,7 @@ def main(argv=None):
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--account", default=None)
     slurm.add_argument("--log_dir", default="slurm_logs")
-    gke = sub.add_parser("gke", help="GKE TPU slice via a JobSet manifest")
+    gke = sub.add_parser("gke", parents=[shared], help="GKE TPU slice via a JobSet manifest")
     gke.add_argument("--name", required=True)
     gke.add_argument("--image", required=True)
     gke.add_argument("--tpu_type", required=True, help="e.g. v5p, v5-lite-podslice, v4-podslice")
@@ -160,8 +171,8 @@ def main(argv=None):
     gke.add_argument("--num_hosts", type=int, required=True)
     gke.add_argument("--chips_per_host", type=int, default=4)
     gke.add_argument("--max_restarts", type=int, default=3)
-    # global flags may come before or after the target
     args = parser.parse_args(own_args)
+    args.dry_run = bool(args.dry_run)
     if not train_args:
         parser.error("give the `ul2lab train` arguments after `--`, e.g. -- --gin_file=gin/runs/pretrain_ul2.gin")
     for name in ("nodes", "gpus_per_node", "num_hosts", "chips_per_host"):

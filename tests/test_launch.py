@@ -84,3 +84,24 @@ def test_missing_train_args_is_an_error():
     result = subprocess.run([sys.executable, LAUNCH, "--dry_run", "slurm", "--nodes", "1"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "after `--`" in result.stderr
+
+
+@pytest.mark.parametrize("target_args", [
+    ["tpu", "--tpu_name", "pod", "--zone", "z"],
+    ["slurm", "--nodes", "1"],
+    ["gke", "--name", "ul2", "--image", "IMAGE", "--tpu_type", "v5p", "--tpu_topology", "2x2x4", "--num_hosts", "1"],
+])
+def test_dry_run_and_workdir_after_the_target(target_args):
+    """`launch.py TARGET ... --workdir W --dry_run -- ...`, as the README types it, prints the same as
+    with the two options before the target."""
+    def launch(*args):
+        result = subprocess.run([sys.executable, LAUNCH, *args, "--", *TRAIN_ARGS],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    after = launch(*target_args, "--workdir", "/src/ul2lab", "--dry_run")
+    assert after == launch("--workdir", "/src/ul2lab", "--dry_run", *target_args)
+    assert "cd /src/ul2lab && ul2lab train" in after
+    # an option given before the target is kept when the target does not repeat it
+    assert launch("--workdir", "/src/ul2lab", *target_args, "--dry_run") == after
