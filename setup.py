@@ -46,8 +46,14 @@ setup(
     version="0.1.0",
     description="UL2 Mixture-of-Denoisers and T5 pretraining on JAX/Flax, t5x-compatible",
     python_requires=">=3.11",
-    packages=find_packages(include=["ul2lab", "ul2lab.*"]) + ["ul2lab_tasks"],
-    package_dir={"ul2lab_tasks": "tasks"},
+    # tasks/ and gin/ stay at the top of the repository and ship as ul2lab_tasks and ul2lab_gin: the code
+    # finds the gin files with importlib.resources (ul2lab.runs.gin_config.shipped_gin_dir), in a wheel as in
+    # an editable checkout. ul2lab_gin is a namespace package (no __init__.py): a gin/__init__.py would make
+    # `import gin` from the repository root (python -m ..., whose sys.path starts with the cwd) load the folder
+    # instead of gin-config.
+    packages=find_packages(include=["ul2lab", "ul2lab.*"]) + ["ul2lab_tasks", "ul2lab_gin"],
+    package_dir={"ul2lab_tasks": "tasks", "ul2lab_gin": "gin"},
+    package_data={"ul2lab_gin": ["*/*.gin"]},
     install_requires=CORE + DATA,
     extras_require={"hf": HF, "tensorboard": TENSORBOARD, "test": TEST, "beam": BEAM},
     entry_points={"console_scripts": ["ul2lab=ul2lab.cli.main:main"]},
