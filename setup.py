@@ -53,7 +53,8 @@ HF = [
 # with protobuf 7, pyarrow 26, pillow 13 kept (tests/test_task_cache.py runs so). [tfrecord] brings crcmod.
 BEAM = ["apache-beam[tfrecord]==2.77.0"]
 TENSORBOARD = ["tensorboard==2.21.0"]  # the viewer (`tensorboard --logdir MODEL_DIR`); runs write events without it
-TEST = ["pytest==9.0.3", "ruff==0.17.6", "import-linter==2.17"] + HF
+# setuptools and wheel: tests/test_wheel.py builds the wheel offline (pip wheel --no-build-isolation)
+TEST = ["pytest==9.0.3", "ruff==0.17.6", "import-linter==2.17", "setuptools==84.2.1", "wheel==0.48.0"] + HF
 
 setup(
     name="ul2lab",
