@@ -28,7 +28,9 @@ def add_gin_arguments(parser: argparse.ArgumentParser, example: str):
     parser.__class__ = GinArgumentParser
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin file (repeatable; later files override earlier ones); relative paths are "
-                             "looked up in the current folder, --gin_search_paths and the repository's gin/")
+                             "looked up in the current folder, the gin files that ship with ul2lab (models/..., "
+                             "runs/..., schedules/..., partitioning/...; gin/models/... also works from any "
+                             "folder) and --gin_search_paths")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated folders to look up gin files in")
     parser.epilog = f"Gin bindings: --gin.NAME=VALUE (repeatable), e.g. {example}."
 

@@ -16,8 +16,10 @@ from ul2lab.files import atomic_write
 from ul2lab.runs import evaluate, train
 from ul2lab.runs.settings import EvalConfig
 
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXPERIMENTS_DIR = os.path.join(REPO_DIR, "experiments")
+# Each experiment's README and committed results are documents of the repository, not package data: they
+# are found in the current folder (experiments/NAME/run.sh runs from the repository root), so an installed
+# wheel writes them where it is run; --results_dir and --readme put them elsewhere.
+EXPERIMENTS_DIR = "experiments"
 EMBEDDED_VOCAB_MODEL_SIZE = 4224  # the embedded vocabulary's 4000 pieces + 100 sentinels, rounded up to 128
 
 
@@ -90,7 +92,8 @@ def parse_overrides(items) -> dict:
 
 
 def experiment_dir(name: str) -> str:
-    return os.path.join(EXPERIMENTS_DIR, name)
+    """experiments/NAME under the current folder (the repository root, as run.sh runs it)."""
+    return os.path.abspath(os.path.join(EXPERIMENTS_DIR, name))
 
 
 def gin_file(name: str, file: str) -> str:

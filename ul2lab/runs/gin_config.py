@@ -8,6 +8,8 @@ place that makes their functions and dataclasses configurable.
 """
 import dataclasses
 import difflib
+import functools
+import importlib.util
 import inspect
 import logging
 import os
@@ -20,7 +22,40 @@ import gin
 from ul2lab.errors import UserError
 from ul2lab.runs import settings, t5x_names, task_modules
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "gin")
+GIN_PACKAGE = "ul2lab_gin"  # the repository's gin/ folder, installed under this name (setup.py)
+REPOSITORY_GIN_PREFIX = "gin"  # how README commands typed from the repository root name the shipped files
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_gin_dir() -> str:
+    """The folder of the gin files that ship with ul2lab (models/, runs/, schedules/, partitioning/), found
+    through the import system: site-packages/ul2lab_gin in a wheel, the checkout's gin/ in an editable install.
+
+    Not importlib.resources.files(): ul2lab_gin is a namespace package (gin/ has no __init__.py, which would
+    shadow gin-config), and on Python 3.11 files() fails on a namespace package of a setuptools editable
+    install (its __path__ holds a placeholder that is not a folder). Its spec's folders are what files() reads.
+    """
+    spec = importlib.util.find_spec(GIN_PACKAGE)
+    folders = [p for p in (spec.submodule_search_locations or []) if os.path.isdir(os.path.join(p, "models"))] \
+        if spec else []
+    if not folders:
+        raise UserError(f"the gin files that ship with ul2lab (package {GIN_PACKAGE}) are not installed; "
+                        "reinstall ul2lab (`pip install .`, or `pip install -e .` in a checkout)")
+    return folders[0]
+
+
+def resolve_gin_files(gin_files: Sequence[str], paths: Sequence[str]) -> list:
+    """Each --gin_file as gin will look it up in `paths`. A `gin/models/...` path typed as the README does from
+    the repository root, and not found as such, is the shipped file `models/...` (so it works from any folder)."""
+    resolved = []
+    for gin_file in gin_files:
+        if not any(os.path.exists(os.path.join(path, gin_file)) for path in paths):
+            parts = os.path.normpath(gin_file).split(os.sep)
+            shipped = os.path.join(*parts[1:]) if len(parts) > 1 and parts[0] == REPOSITORY_GIN_PREFIX else None
+            if shipped and os.path.isfile(os.path.join(shipped_gin_dir(), shipped)):
+                gin_file = shipped
+        resolved.append(gin_file)
+    return resolved
 
 _REGISTERED: Dict[str, Callable] = {}
 _ORIGINALS: Dict[str, Callable] = {}
@@ -76,13 +111,15 @@ def load_config(name: str, gin_files: Sequence[str], bindings: Sequence[str], se
     # ...) exist for gin only once the modules that define them are imported
     task_modules.import_task_modules()
     gin.clear_config()
-    paths = [os.getcwd(), GIN_DIR] + [p for p in search_paths.split(",") if p]
+    paths = [os.getcwd(), shipped_gin_dir()] + [p for p in search_paths.split(",") if p]
     for path in paths:
         gin.add_config_file_search_path(path)
+    gin_files = resolve_gin_files(gin_files, paths)
     for gin_file in gin_files:
         if not any(os.path.exists(os.path.join(path, gin_file)) for path in paths):
-            raise UserError(f"gin file {gin_file!r} not found in {', '.join(paths)}; check the path "
-                            "(or add its folder with --gin_search_paths)")
+            raise UserError(f"gin file {gin_file!r} not found in {', '.join(paths)} (the current folder, the gin "
+                            "files that ship with ul2lab, --gin_search_paths); check the path (or add its folder "
+                            "with --gin_search_paths)")
     if not gin_files:
         raise UserError(f"no --gin_file given; start from a run file such as {start_from}")
     t5x_names.check_gin_inputs(gin_files, bindings, paths)  # t5x's names: say what they are here
