@@ -87,6 +87,15 @@ def test_export_into_the_checkpoint_directory_is_refused(run_dir, tmp_path, comm
     checkpoints.load_params(run_dir)
 
 
+@pytest.mark.parametrize("command", ["export-hf", "export-t5x"])
+def test_export_into_another_checkpoint_is_refused(run_dir, tmp_path, command):
+    other = shutil.copytree(run_dir, str(tmp_path / "other_run"))
+    before = _snapshot(other)
+    code, err = _cli([command, "--checkpoint_dir", run_dir, "--output_dir", other, "--overwrite"])
+    assert code == 2 and "holds a ul2lab checkpoint" in _one_line(err), err
+    assert _snapshot(other) == before
+
+
 # ----------------------------------------------------------------------------- one --overwrite rule
 
 EXPORTS = {  # command: (what it writes, a file an older export of the same kind left that it no longer writes)

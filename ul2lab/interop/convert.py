@@ -223,12 +223,23 @@ def _check_export_target(checkpoint_dir: str, out: str, overwrite: bool, is_expo
     if source.startswith(target + os.sep) and is_export_entry(os.path.relpath(source, target).split(os.sep)[0]):
         raise UserError(f"--output_dir {out} holds the checkpoint directory {checkpoint_dir} under a name the "
                         "export writes; choose another --output_dir")
+    if os.path.isdir(out) and (checkpoints.has_checkpoint(out) or _holds_ul2lab_config(out)):
+        raise UserError(f"--output_dir {out} holds a ul2lab checkpoint (another run's config.json and steps), which "
+                        f"the export would overwrite; choose a folder of its own for {what}")
     if not overwrite and os.path.isdir(out):
         existing = sorted(name for name in os.listdir(out) if is_export_entry(name))
         if existing:
             raise UserError(f"{out} already holds {what} ({', '.join(existing[:3])}"
                             f"{' ...' if len(existing) > 3 else ''}); pass --overwrite to replace it (other files "
                             "there are kept), or choose another --output_dir")
+
+
+def _holds_ul2lab_config(directory: str) -> bool:
+    try:
+        checkpoints.read_config(directory)
+        return True
+    except checkpoints.CheckpointError:  # none, or a Hugging Face config.json (an earlier export)
+        return False
 
 
 def _export_into(out: str, write, is_export_entry):
