@@ -30,7 +30,9 @@ def add_parser(subparsers):
     p.add_argument("--output_dir", required=True, help="folder to write the Hugging Face model to")
     p.add_argument("--vocab_path", default=None,
                    help="SentencePiece model for the tokenizer files (default: the checkpoint's vocab_path)")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in --output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model already in --output_dir (its weights, configs and tokenizer files; "
+                        "other files there are kept)")
     p.set_defaults(func=run_export_hf)
 
 

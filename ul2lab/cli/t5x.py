@@ -15,7 +15,8 @@ def add_parser(subparsers):
         description="Convert a t5x checkpoint (msgpack with inline arrays, tensorstore/zarr, or t5x's orbax "
                     "layout; scanned or unrolled layers) into a ul2lab checkpoint at the same step, one array "
                     "at a time. Shapes are read from the arrays; the MLP activations and dropout from --model, "
-                    "--gin_file, or the config.gin t5x saved beside the checkpoint_<step> folder.")
+                    "--gin_file, or the config.gin t5x saved beside the checkpoint_<step> folder, which also names "
+                    "the vocabulary (seqio.SentencePieceVocabulary) the checkpoint records unless --vocab_path.")
     p.add_argument("--checkpoint_dir", required=True,
                    help="a t5x MODEL_DIR (its latest checkpoint_<step>) or one checkpoint_<step> folder")
     _add_output_flags(p)
@@ -41,12 +42,16 @@ def add_parser(subparsers):
         "export-t5x", help="write a ul2lab checkpoint as a t5x checkpoint",
         description="Write a step of a ul2lab checkpoint as a t5x MODEL_DIR: checkpoint_<step>/ in t5x's "
                     "tensorstore layout (params only, 2-D attention kernels, unrolled layers) and config.gin "
-                    "with the model's network.T5Config. Restore it in t5x as a params-only checkpoint.")
+                    "with the model's network.T5Config and the vocabulary (copied beside it as sentencepiece.model, "
+                    "bound as seqio.SentencePieceVocabulary; import-t5x reads it back). Restore it in t5x as a "
+                    "params-only checkpoint.")
     p.add_argument("--checkpoint_dir", required=True,
                    help="a ul2lab checkpoint directory (MODEL_DIR of a run, or import-* output)")
     p.add_argument("--output_dir", required=True, help="t5x MODEL_DIR to create")
     p.add_argument("--step", type=int, default=None, help="the step to export (default: the latest)")
-    p.add_argument("--overwrite", action="store_true", help="replace what --output_dir holds")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a t5x export already in --output_dir (its checkpoint_<step> folders, config.gin "
+                        "and vocabulary; other files there are kept)")
     p.set_defaults(func=run_export_t5x)
 
 

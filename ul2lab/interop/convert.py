@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from ul2lab.errors import UserError
+from ul2lab import files
 from ul2lab.files import atomic_write
 from ul2lab.interop import hf, model_gin, mtf, t5x, t5x_files
 from ul2lab.models.config import PRESETS
@@ -55,13 +56,12 @@ def export_hf(checkpoint_dir: str, output_dir: str, vocab_path: Optional[str] = 
     """A ul2lab checkpoint (the latest step, or `step`) -> a transformers T5ForConditionalGeneration
     directory, with tokenizer files when the checkpoint knows its vocabulary; returns output_dir."""
     _, payload = checkpoints.read_config(checkpoint_dir)
-    if hf.holds_hf_model(output_dir) and not overwrite:  # before reading params
-        raise hf.HFFormatError(f"{output_dir} already holds a Hugging Face model; pass --overwrite "
-                               "to replace it, or choose another --output_dir")
+    out = os.path.abspath(output_dir)
+    _check_export_target(checkpoint_dir, out, overwrite, hf.is_export_file, "a Hugging Face model")  # before reading params
     vocab_path = vocab_path or checkpoints.vocabulary_path(checkpoint_dir, payload)  # before reading params
     config, params, _ = checkpoints.load_params(checkpoint_dir, step)  # checked against the step's checksums
-    hf.save(config, params, output_dir, vocab_path=vocab_path, overwrite=overwrite,
-            extra_ids=payload.get("extra_ids", 100))
+    _export_into(out, lambda tmp: hf.save(config, params, tmp, vocab_path=vocab_path, overwrite=True,
+                                          extra_ids=payload.get("extra_ids", 100)), hf.is_export_file)
     print(f"exported {checkpoint_dir} -> {output_dir}"
           f"{' with tokenizer' if vocab_path else ' (no vocabulary recorded: no tokenizer files)'}")
     return output_dir
@@ -84,8 +84,11 @@ def import_t5x(checkpoint_dir: str, output_dir: str, model: Optional[str] = None
     if not target:
         raise t5x_files.T5xFormatError(f"{checkpoint.path} has no optimizer/target parameters (only "
                                        f"{', '.join(sorted(checkpoint.arrays)[:3])}); is it a t5x checkpoint?")
-    run_gin = os.path.join(os.path.dirname(checkpoint.path), "config.gin")
+    run_gin = os.path.join(os.path.dirname(checkpoint.path), t5x_files.RUN_GIN)
     declared, declared_by = _declared_model(model, gin_file, run_gin)
+    extra_ids = None
+    if vocab_path is None:  # the vocabulary t5x's gin names (export-t5x writes it there too)
+        vocab_path, extra_ids = _gin_vocabulary([g for g in (gin_file, run_gin) if g and os.path.isfile(g)])
     config = t5x.infer_config(target, checkpoint.path, declared, declared_by)
     params, _ = t5x.import_params(target, config, checkpoint.path)
     opt_state = run = None
@@ -93,11 +96,15 @@ def import_t5x(checkpoint_dir: str, output_dir: str, model: Optional[str] = None
         opt_state = t5x.import_adafactor_state(checkpoint.arrays, config, checkpoint.step, checkpoint.path)
         run = {"step": checkpoint.step, "rng": np.asarray(jax.random.PRNGKey(0)).tolist(),
                "mixture_or_task_name": None, "data_batches": 0, "batch_size": None}
-    _write_beside(out, overwrite, lambda tmp: checkpoints.save_params(
-        tmp, traverse_util.unflatten_dict(params, sep="/"), config, step=checkpoint.step, vocab_path=vocab_path,
-        opt_state=opt_state, run=run))
+
+    def write(tmp):
+        checkpoints.save_params(tmp, traverse_util.unflatten_dict(params, sep="/"), config, step=checkpoint.step,
+                                vocab_path=vocab_path, opt_state=opt_state, run=run)
+        if extra_ids is not None:  # seqio's sentinels on top of the .model file's pieces, as the gin said
+            checkpoints.write_config(tmp, config, vocab_path, extra_ids=extra_ids)
+    _write_beside(out, overwrite, write)
     print(f"imported {checkpoint.path} ({checkpoint.layout}, step {checkpoint.step}) -> {out}: {_summary(config)}; "
-          f"activations {'/'.join(config.mlp_activations)} from {declared_by}"
+          f"activations {'/'.join(config.mlp_activations)} from {declared_by}; vocabulary {vocab_path or 'none recorded'}"
           + ("; with t5x's Adafactor state: train with MODEL_DIR=" + out + " to continue at step "
              f"{checkpoint.step}" if with_optimizer_state else ""))
     return out
@@ -127,19 +134,27 @@ def export_t5x(checkpoint_dir: str, output_dir: str, step: Optional[int] = None,
     """A ul2lab checkpoint step -> a t5x MODEL_DIR: checkpoint_<step>/ in t5x's tensorstore layout (params
     only, 2-D attention kernels, unrolled layers) and config.gin with the model's network.T5Config;
     written one array at a time. Returns the checkpoint_<step> directory."""
+    _, payload = checkpoints.read_config(checkpoint_dir)
     out = os.path.abspath(output_dir)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise UserError(f"{out} is not empty; pass --overwrite to replace it, or choose another --output_dir")
+    _check_export_target(checkpoint_dir, out, overwrite, t5x_files.is_export_entry, "a t5x export")
+    vocab_path = checkpoints.vocabulary_path(checkpoint_dir, payload)
     config, step, arrays = checkpoints.param_arrays(checkpoint_dir, step)
     t5x_arrays = t5x.export_params(arrays)
+    # t5x finds the vocabulary through config.gin; a local file travels with the export (import-t5x reads both)
+    local = bool(vocab_path) and "://" not in vocab_path
+    vocabulary = None if not vocab_path else (os.path.join(out, t5x_files.VOCAB_FILE) if local else vocab_path,
+                                              payload.get("extra_ids", 100))
 
     def write(tmp):
         t5x_files.write_checkpoint(tmp, step, t5x_arrays)
-        atomic_write(os.path.join(tmp, "config.gin"), _t5x_gin(config, checkpoint_dir, step))
-    _write_beside(out, overwrite, write, replace_any=True)
+        if local:
+            shutil.copyfile(vocab_path, os.path.join(tmp, t5x_files.VOCAB_FILE))
+        atomic_write(os.path.join(tmp, t5x_files.RUN_GIN), _t5x_gin(config, checkpoint_dir, step, vocabulary))
+    _export_into(out, write, t5x_files.is_export_entry)
     step_dir = os.path.join(out, f"{t5x_files.STEP_PREFIX}{step}")
     print(f"exported {checkpoint_dir} (step {step}) -> {step_dir} ({len(t5x_arrays)} arrays) and "
-          f"{os.path.join(out, 'config.gin')}")
+          f"{os.path.join(out, 'config.gin')}" + (f" naming the vocabulary {vocabulary[0]}" if vocabulary else
+                                                  " (no vocabulary recorded)"))
     return step_dir
 
 
@@ -172,6 +187,80 @@ def _check_output(output_dir: str, overwrite: bool) -> str:
     return out
 
 
+def _gin_vocabulary(gin_files) -> Tuple[Optional[str], Optional[int]]:
+    """(vocabulary file, extra_ids) the first of `gin_files` binding seqio.SentencePieceVocabulary names; a
+    relative or moved file is looked for beside the gin file (an exported MODEL_DIR copied elsewhere)."""
+    for gin in gin_files:
+        model_file, extra_ids = model_gin.vocabulary(gin)
+        if model_file is None:
+            continue
+        extra_ids = extra_ids or 0  # seqio's default: the .model file's pieces only
+        if "://" in model_file:
+            return model_file, extra_ids
+        folder = os.path.dirname(os.path.abspath(gin))
+        for candidate in (os.path.join(folder, model_file), os.path.join(folder, os.path.basename(model_file))):
+            if os.path.isfile(candidate):
+                return os.path.abspath(candidate), extra_ids
+        raise UserError(f"{gin} names the vocabulary {model_file} (seqio.SentencePieceVocabulary."
+                        "sentencepiece_model_file), which does not exist here nor beside it; copy the .model file "
+                        "beside the gin file, or pass --vocab_path")
+    return None, None
+
+
+def _check_export_target(checkpoint_dir: str, out: str, overwrite: bool, is_export_entry, what: str):
+    """Refuse, before anything is read, an --output_dir that is a file, that is (or is inside) the checkpoint
+    directory, that holds the checkpoint where the export would replace it, or that holds an export without
+    --overwrite."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out} is a file, not a folder; pass a folder to write {what} into "
+                        "(it is created if absent)")
+    source = os.path.realpath(checkpoint_dir)
+    target = os.path.realpath(out)
+    if target == source or target.startswith(source + os.sep):
+        raise UserError(f"--output_dir {out} is {'the' if target == source else 'inside the'} checkpoint directory "
+                        f"{checkpoint_dir}: the export would overwrite or mix with the run's own files (its "
+                        f"config.json, steps, vocabulary); choose a folder outside it, e.g. {source}-export")
+    if source.startswith(target + os.sep) and is_export_entry(os.path.relpath(source, target).split(os.sep)[0]):
+        raise UserError(f"--output_dir {out} holds the checkpoint directory {checkpoint_dir} under a name the "
+                        "export writes; choose another --output_dir")
+    if os.path.isdir(out) and (checkpoints.has_checkpoint(out) or _holds_ul2lab_config(out)):
+        raise UserError(f"--output_dir {out} holds a ul2lab checkpoint (another run's config.json and steps), which "
+                        f"the export would overwrite; choose a folder of its own for {what}")
+    if not overwrite and os.path.isdir(out):
+        existing = sorted(name for name in os.listdir(out) if is_export_entry(name))
+        if existing:
+            raise UserError(f"{out} already holds {what} ({', '.join(existing[:3])}"
+                            f"{' ...' if len(existing) > 3 else ''}); pass --overwrite to replace it (other files "
+                            "there are kept), or choose another --output_dir")
+
+
+def _holds_ul2lab_config(directory: str) -> bool:
+    try:
+        checkpoints.read_config(directory)
+        return True
+    except checkpoints.CheckpointError:  # none, or a Hugging Face config.json (an earlier export)
+        return False
+
+
+def _export_into(out: str, write, is_export_entry):
+    """Run write(tmp) into a new folder beside `out`, then move its files into `out`. One rule for every
+    export: the files an export writes (is_export_entry) are replaced, anything else in `out` is kept --
+    t5x and Hugging Face users export into folders that also hold their notes, eval results or TensorBoard
+    logs, and --overwrite means "replace the export", not "wipe the folder". Nothing in `out` changes
+    until the whole export is written and checked; a failure or Ctrl-C leaves `out` as it was."""
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    with files.interrupts_held():  # Ctrl-C stops the writing between arrays (stop_if_interrupted), then cleans up
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+        try:
+            write(tmp)
+            files.stop_if_interrupted()
+            files.replace_in_folder(tmp, out, is_export_entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
 def _vocab(vocab_path: Optional[str]) -> Optional[str]:
     if vocab_path is None or "://" in vocab_path:
         return vocab_path
@@ -181,28 +270,32 @@ def _vocab(vocab_path: Optional[str]) -> Optional[str]:
     return os.path.abspath(vocab_path)
 
 
-def _write_beside(out: str, overwrite: bool, write, replace_any: bool = False):
-    """Run write(tmp) into a new folder beside `out`, then move it into place: a failed conversion
-    leaves `out` as it was (the folder of the failure is removed)."""
+def _write_beside(out: str, overwrite: bool, write):
+    """Run write(tmp) into a new folder beside `out`, then move it into place: a failed or interrupted
+    conversion leaves `out` as it was (the folder of the failure is removed)."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(out) and os.listdir(out):
-            if not (overwrite or replace_any):
-                raise UserError(f"{out} was filled while converting; the conversion is left in {tmp}")
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=parent)
-            os.rename(out, os.path.join(old, "replaced"))
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            if os.path.isdir(out):
-                os.rmdir(out)
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # Ctrl-C is held while writing (orbax's writer threads cannot take a KeyboardInterrupt) and moving into
+    # place (between the renames there would be no checkpoint at all); it then removes the folder of the write
+    with files.interrupts_held():
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+        try:
+            write(tmp)
+            files.stop_if_interrupted()
+            if os.path.isdir(out) and os.listdir(out):
+                if not overwrite:
+                    raise UserError(f"{out} was filled while converting; choose another --output_dir")
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=parent)
+                os.rename(out, os.path.join(old, "replaced"))
+                os.rename(tmp, out)
+                shutil.rmtree(old)
+            else:
+                if os.path.isdir(out):
+                    os.rmdir(out)
+                os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _summary(config) -> str:
@@ -211,8 +304,9 @@ def _summary(config) -> str:
             f"vocabulary {config.vocab_size}, {'tied' if config.logits_via_embedding else 'untied'} head")
 
 
-def _t5x_gin(config, source: str, step: int) -> str:
-    """The model as t5x's examples/t5 network.T5Config (what t5x saves in MODEL_DIR/config.gin)."""
+def _t5x_gin(config, source: str, step: int, vocabulary: Optional[Tuple[str, int]] = None) -> str:
+    """The model as t5x's examples/t5 network.T5Config (what t5x saves in MODEL_DIR/config.gin), and the
+    vocabulary (model file, extra_ids) as t5x's gin files bind it: VOCABULARY = @seqio.SentencePieceVocabulary()."""
     fields = ["vocab_size", "emb_dim", "num_heads", "num_encoder_layers", "num_decoder_layers", "head_dim",
               "mlp_dim", "mlp_activations", "dropout_rate", "logits_via_embedding", "float32_attention_logits"]
     lines = [f"# Written by `ul2lab export-t5x` from {source} (step {step}): the model of checkpoint_{step}",
@@ -220,8 +314,13 @@ def _t5x_gin(config, source: str, step: int) -> str:
              f"#   relative_attention_max_distance = {config.relative_attention_max_distance} (t5x: 128), "
              f"layer_norm_epsilon = {config.layer_norm_epsilon} (t5x: 1e-6),",
              f"#   decoder_norm_use_scale = {config.decoder_norm_use_scale} (t5x: True).",
-             "from __gin__ import dynamic_registration", "from t5x.examples.t5 import network", "",
-             "network.T5Config:"]
+             "from __gin__ import dynamic_registration", "import seqio", "from t5x.examples.t5 import network", ""]
+    if vocabulary is not None:
+        model_file, extra_ids = vocabulary
+        lines += ["VOCABULARY = @seqio.SentencePieceVocabulary()",
+                  f"seqio.SentencePieceVocabulary.sentencepiece_model_file = {model_file!r}",
+                  f"seqio.SentencePieceVocabulary.extra_ids = {extra_ids!r}", ""]
+    lines.append("network.T5Config:")
     for field in fields:
         value = getattr(config, field)
         lines.append(f"  {field} = {tuple(value)!r}" if field == "mlp_activations" else f"  {field} = {value!r}")

@@ -12,6 +12,7 @@ Weights are read with the safetensors numpy API; torch is imported only for
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
@@ -20,7 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from ul2lab.errors import UserError
-from ul2lab.files import atomic_path, atomic_write_json
+from ul2lab.files import atomic_path, atomic_write_json, stop_if_interrupted
 from ul2lab.models import network
 from ul2lab.models.config import T5Config
 from ul2lab.models.special_ids import DECODER_START_ID, EOS_ID, PAD_ID
@@ -350,6 +351,16 @@ def _to_hf(t: _Tensor, param: Optional[np.ndarray], config: T5Config) -> np.ndar
     return np.ascontiguousarray(t.layout.to_hf(np.asarray(param, np.float32), config))
 
 
+# every file `save` writes (and an older save or save_pretrained may have written): what --overwrite replaces
+_EXPORT_FILES = ("config.json", "generation_config.json", SAFE_WEIGHTS, SAFE_INDEX, TORCH_WEIGHTS, TORCH_INDEX,
+                 SPM_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def is_export_file(name: str) -> bool:
+    """Whether `name` in a folder is a file of an HF model export (weights, shards, configs, tokenizer)."""
+    return name in _EXPORT_FILES or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", name) is not None
+
+
 def holds_hf_model(directory: str) -> bool:
     return any(os.path.exists(os.path.join(directory, f))
                for f in ("config.json", SAFE_WEIGHTS, SAFE_INDEX, TORCH_WEIGHTS, TORCH_INDEX))
@@ -386,6 +397,7 @@ def save(config: T5Config, params: dict, out_dir: str, vocab_path: Optional[str]
                 os.remove(os.path.join(out_dir, stale))
         shards = _shard(plan, max_shard_bytes)
         for filename, shard in shards.items():  # one shard in HF layout in memory at a time
+            stop_if_interrupted()  # a held Ctrl-C stops between shards
             with atomic_path(os.path.join(out_dir, filename)) as path:
                 save_file({t.hf_name: _to_hf(t, param, config) for t, param in shard}, path,
                           metadata={"format": "pt"})

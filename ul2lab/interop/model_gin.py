@@ -17,7 +17,7 @@ Later bindings win, `include` is followed (relative to the including file or any
 it, as t5x's search path is its repository root), macros (`%NAME`) are resolved.
 """
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from ul2lab.errors import UserError
 from ul2lab.models.config import PRESETS, T5Config
@@ -90,6 +90,24 @@ def read(path: str) -> Dict[str, Any]:
         activations = fields["mlp_activations"]
         fields["mlp_activations"] = (activations,) if isinstance(activations, str) else tuple(activations)
     return fields
+
+
+def vocabulary(path: str) -> Tuple[Optional[str], Optional[int]]:
+    """(sentencepiece_model_file, extra_ids) that `path` binds for seqio.SentencePieceVocabulary (t5x's
+    `VOCABULARY = @seqio.SentencePieceVocabulary()`), each None where the file does not say."""
+    bindings = _bindings(path, [])
+    macros = {selector: value for (selector, arg), value in bindings.items() if arg == ""}
+    found: Dict[str, Any] = {}
+    for (selector, arg), value in bindings.items():
+        if selector.rsplit("/", 1)[-1].rsplit(".", 1)[-1] == "SentencePieceVocabulary":
+            for _ in range(len(macros) + 1):  # a value may be a macro naming a macro
+                if not isinstance(value, _Macro):
+                    break
+                value = macros.get(value.name)
+            found[arg] = value
+    model_file, extra_ids = found.get("sentencepiece_model_file"), found.get("extra_ids")
+    return (model_file if isinstance(model_file, str) else None,
+            extra_ids if isinstance(extra_ids, int) and not isinstance(extra_ids, bool) else None)
 
 
 def _bindings(path: str, stack: List[str]) -> Dict[tuple, Any]:

@@ -23,12 +23,21 @@ from typing import Any, Dict
 import numpy as np
 
 from ul2lab.errors import UserError
-from ul2lab.files import atomic_write
+from ul2lab.files import atomic_write, stop_if_interrupted
 from ul2lab.train.checkpoints import CONFIG_FILE, LazyArray, pytree_arrays
 
 STEP_PREFIX = "checkpoint_"
 MSGPACK_FILE = "checkpoint"
 ORBAX_STATE = "state"
+RUN_GIN = "config.gin"               # t5x saves the run's gin config in MODEL_DIR, beside checkpoint_<step>
+VOCAB_FILE = "sentencepiece.model"   # export-t5x's copy of the vocabulary (the name T5's vocabularies have)
+
+
+def is_export_entry(name: str) -> bool:
+    """Whether `name` in a MODEL_DIR is what export-t5x writes there, so --overwrite replaces it: config.gin,
+    the vocabulary, and every checkpoint_<step> (t5x restores the latest one, so an older export's
+    higher step would be restored in place of the new export's)."""
+    return name in (RUN_GIN, VOCAB_FILE) or re.fullmatch(rf"{STEP_PREFIX}\d+", name) is not None
 VERSION = 3                          # what t5x writes since 2021 (bfloat16 stored natively)
 _CHUNK_BYTES = 64 * 2**20            # t5x's target zarr chunk size
 _MSGPACK_MAP = frozenset(range(0x80, 0x90)) | {0xde, 0xdf}
@@ -318,6 +327,7 @@ def write_checkpoint(model_dir: str, step: int, params: Dict[str, LazyArray]) ->
     os.makedirs(step_dir, exist_ok=True)
     target: Dict[str, Any] = {}
     for name, lazy in params.items():
+        stop_if_interrupted()  # a held Ctrl-C stops between arrays
         folder = "target." + name.replace("/", ".")
         spec = {"driver": "zarr", "dtype": "float32", "kvstore": {"driver": "file", "path": folder},
                 "metadata": {"compressor": {"id": "gzip"}, "shape": list(lazy.shape),
