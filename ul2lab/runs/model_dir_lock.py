@@ -74,7 +74,8 @@ class ModelDirLock:
 
     def release(self):
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # no holder line once the run is over
+            if os.fstat(self._fd).st_size:  # no holder line once the run is over (a refused run changes nothing)
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 
