@@ -95,7 +95,7 @@ def test_branch_anneal_from_constant_checkpoint():
     (dict(anneal_start=300), "anneal_start .* before the end of warmup"),
     (dict(peak_value=0.0), "peak_value must be positive"),
     (dict(constant_value=-1.0), "constant_value must be positive"),
-    (dict(end_value=0.0), "end_value must be positive"),
+    (dict(end_value=-1e-3), "end_value must be non-negative"),  # 0 is an anneal to 0 (linear)
     (dict(anneal_steps=0), "anneal_steps must be positive"),
     (dict(warmup_steps=-5), "warmup_steps must be non-negative"),
     (dict(cooldown="linear"), "cooldown must be one of"),

@@ -38,6 +38,8 @@ def add_parser(subparsers):
 
 def run_import_hf(args) -> int:
     from ul2lab.interop import convert
+    from ul2lab.train.config import check_output_dir
+    check_output_dir(args.output_dir)  # tensorstore writes the arrays: a path it can use
     convert.import_hf(args.hf_dir, args.output_dir, args.vocab_path, args.overwrite)
     return 0
 

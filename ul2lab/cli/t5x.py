@@ -75,6 +75,8 @@ def _add_model_flags(p, default: str):
 
 def run_import_t5x(args) -> int:
     from ul2lab.interop import convert
+    from ul2lab.train.config import check_output_dir
+    check_output_dir(args.output_dir)  # tensorstore writes the arrays: a path it can use
     convert.import_t5x(args.checkpoint_dir, args.output_dir, args.model, args.gin_file, args.vocab_path,
                        args.overwrite, args.with_optimizer_state)
     return 0
@@ -82,6 +84,8 @@ def run_import_t5x(args) -> int:
 
 def run_import_mtf(args) -> int:
     from ul2lab.interop import convert
+    from ul2lab.train.config import check_output_dir
+    check_output_dir(args.output_dir)  # tensorstore writes the arrays: a path it can use
     convert.import_mtf(args.checkpoint_dir, args.output_dir, args.model, args.gin_file, args.vocab_path,
                        args.overwrite)
     return 0
@@ -89,5 +93,7 @@ def run_import_mtf(args) -> int:
 
 def run_export_t5x(args) -> int:
     from ul2lab.interop import convert
+    from ul2lab.train.config import check_output_dir
+    check_output_dir(args.output_dir)  # tensorstore writes the arrays: a path it can use
     convert.export_t5x(args.checkpoint_dir, args.output_dir, args.step, args.overwrite)
     return 0

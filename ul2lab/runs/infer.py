@@ -48,11 +48,38 @@ def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True
     elif need_vocabulary:
         raise UserError(f"{checkpoint_dir}/config.json has no vocab_path; set it to the SentencePiece .model "
                         "the model was trained with")
+    config, params = load_params(checkpoint_dir, step)
+    return config, params, vocab
+
+
+def load_params(checkpoint_dir: str, step=None):
+    """(config, params) of a checkpoint step, checked to fit the model its config.json describes (an
+    edited config.json, or a step folder copied from another model, is a one-line CheckpointError
+    here, not a flax shape error in the middle of decoding)."""
     try:
-        config, params, _ = checkpoints.load_params(checkpoint_dir, step)
+        config, params, step = checkpoints.load_params(checkpoint_dir, step)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    return config, params, vocab
+    check_params_fit(config, params, checkpoint_dir, step)
+    return config, params
+
+
+def check_params_fit(config, params, checkpoint_dir: str, step: int):
+    """CheckpointError naming the first parameters whose path or shape differs from the model's."""
+    from ul2lab.models import network
+    expected = jax.eval_shape(lambda rng: network.init_params(config, rng), jax.random.PRNGKey(0))
+    def shapes(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x))
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    want, got = shapes(expected), shapes(params)
+    wrong = ([f"{k}: {got[k]} saved, {want[k]} expected" for k in want if k in got and got[k] != want[k]]
+             + [f"{k} missing" for k in want if k not in got] + [f"{k} not in the model" for k in got if k not in want])
+    if wrong:
+        raise checkpoints.CheckpointError(
+            f"the parameters in {os.path.abspath(checkpoint_dir)} (step {step}) do not fit this model (the one its "
+            f"{checkpoints.CONFIG_FILE} describes): {'; '.join(wrong[:3])}"
+            + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else "")
+            + f". Restore the {checkpoints.CONFIG_FILE} that wrote the step, or use a step of this model")
 
 
 def _read_jsonl(path: str, need_targets: bool) -> List[dict]:
@@ -190,16 +217,13 @@ def infer_task(settings: InferConfig) -> int:
         if os.path.exists(path) and not settings.overwrite:
             raise UserError(f"{path} exists; pass --overwrite (InferConfig.overwrite = True) or choose another "
                             "--infer_output_dir")
-    try:  # the task brings its vocabulary: the checkpoint's vocab_path is not needed
-        config, params, _ = checkpoints.load_params(settings.checkpoint_path, settings.step)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
     lengths = dict(settings.task_feature_lengths or {"inputs": settings.max_input_length,
                                                      "targets": settings.max_decode_length})
+    # the task brings its vocabulary: the checkpoint's vocab_path is not needed
+    config, params = load_params(settings.checkpoint_path, settings.step)
     total = 0
     for task in tasks:
-        examples = list(task.get_dataset(lengths, split=settings.split, shuffle=False, num_epochs=1)
-                        .as_numpy_iterator())
+        examples = task_examples(task, lengths, settings)
         if not examples:
             print(f"note: the {settings.split!r} split of {task.name} has no example; nothing written for it")
             continue
@@ -213,6 +237,17 @@ def infer_task(settings: InferConfig) -> int:
         print(f"wrote {len(results)} {'scores' if targets is not None else 'predictions'} of {task.name} to {path}")
         total += len(results)
     return total
+
+
+def task_examples(task, lengths: dict, settings: InferConfig) -> list:
+    """The examples of a task's split at `lengths`; lengths its preprocessors cannot use (an objective
+    whose targets length is too short) are a one-line UserError, as `ul2lab eval` says it."""
+    try:
+        return list(task.get_dataset(lengths, split=settings.split, shuffle=False, num_epochs=1).as_numpy_iterator())
+    except ValueError as e:
+        reason = str(e).split("\n  In call to configurable")[0]  # gin's note of where it was raised
+        raise UserError(f"--mixture_or_task {task.name!r} cannot be read at --feature_lengths "
+                        f"inputs={lengths['inputs']},targets={lengths['targets']}: {' '.join(reason.split())}") from None
 
 
 def _pretokenized(example: dict, vocab) -> dict:

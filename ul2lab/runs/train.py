@@ -23,7 +23,7 @@ from ul2lab.errors import UserError
 from ul2lab.interop import convert
 from ul2lab.models import decoding
 from ul2lab.models.config import T5Config
-from ul2lab.runs import gin_config, task_modules, train_eval
+from ul2lab.runs import gin_config, model_dir_lock, task_modules, train_eval
 from ul2lab.runs.infer import load_checkpoint, strip_eos
 from ul2lab.train import checkpoints, distributed, loop, schedules, xla_flags
 from ul2lab.train import config as train_config
@@ -179,22 +179,28 @@ def resolve_seed(config: TrainConfig) -> TrainConfig:
 
 def train_task(config: TrainConfig, note: str = "") -> dict:
     """Check everything, write MODEL_DIR/config.gin, train on the config's seqio task or mixture.
-    Bad input never touches MODEL_DIR. Returns the trainer's result."""
-    config, schedule_note = resolve_schedule(config)
-    vocab_path, extra_ids = check(config)
-    config = resolve_seed(config)
+    Bad input never touches MODEL_DIR; a MODEL_DIR another live run is writing is refused
+    (model_dir_lock). Returns the trainer's result."""
+    if train_config.path_problem(config.model_dir):  # checked (and named) by check(); lock nothing there
+        check(config)
+    with model_dir_lock.locked(config.model_dir) as lock:  # refuses a live run's MODEL_DIR at once
+        config, schedule_note = resolve_schedule(config)
+        vocab_path, extra_ids = check(config)
+        config = resolve_seed(config)
 
-    def write_gin():
-        os.makedirs(config.model_dir, exist_ok=True)
-        if jax.process_index() != 0:
-            return  # every host runs this; one writes config.gin and prints the start line
-        with open(os.path.join(config.model_dir, "config.gin"), "w") as f:
-            f.write((note + "\n" if note else "") + gin.config_str() + ("\n" + schedule_note if schedule_note else ""))
-        print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
-              f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
+        def write_gin():
+            lock.acquire()  # makes MODEL_DIR: another run that got this far meanwhile is refused here
+            os.makedirs(config.model_dir, exist_ok=True)
+            if jax.process_index() != 0:
+                return  # every host runs this; one writes config.gin and prints the start line
+            with open(os.path.join(config.model_dir, "config.gin"), "w") as f:
+                f.write((note + "\n" if note else "") + gin.config_str()
+                        + ("\n" + schedule_note if schedule_note else ""))
+            print(f"training {config.mixture_or_task_name} into {config.model_dir} (steps {config.train_steps}, "
+                  f"batch {config.batch_size}, lengths {dict(config.task_feature_lengths)})", flush=True)
 
-    result = loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, extra_ids=extra_ids,
-                        on_checked=write_gin, evaluation=train_eval.sources(config))
+        result = loop.train(config, pipeline.train_batches(config), vocab_path=vocab_path, extra_ids=extra_ids,
+                            on_checked=write_gin, evaluation=train_eval.sources(config))
     if skips.summary() and jax.process_index() == 0:
         print(skips.summary(), "(details at debug level)", flush=True)
     return result
@@ -215,6 +221,7 @@ def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, ann
     train the infinite schedule's anneal there; the main run is untouched. Returns the exit code."""
     start_hosts(**(hosts or {}))
     set_tfds_data_dir(tfds_data_dir)
+    train_config.check_output_dir(output_dir)  # before anything is copied there
     main, new = os.path.abspath(checkpoint_dir), os.path.abspath(output_dir)
     if not os.path.exists(os.path.join(main, "config.gin")):
         raise UserError(f"--checkpoint_dir {main} has no config.gin: give the MODEL_DIR of a `ul2lab train` run")
@@ -231,6 +238,14 @@ def anneal(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, ann
     if not isinstance(config.learning_rate, schedules.InfiniteSchedule):
         raise UserError("the main run's learning rate is not ul2lab.train.schedules.infinite_schedule; "
                         "only an infinite schedule's constant phase can be branched into an anneal")
+    schedule = config.learning_rate
+    missing = [(flag, macro) for flag, macro, given, in_gin in (
+        ("--anneal_steps", "ANNEAL_STEPS", anneal_steps, schedule.anneal_steps),
+        ("--end_value", "END_LEARNING_RATE", end_value, schedule.end_value)) if given is None and in_gin is None]
+    if missing:
+        raise UserError(f"the anneal needs {' and '.join(f for f, _ in missing)} (the main run's gin sets no "
+                        f"{' or '.join(m for _, m in missing)}); e.g. --anneal_steps {max(1, step // 10)} (the "
+                        "anneal's length in steps) --end_value 0.0 (the learning rate it ends at)")
     try:
         branch = config.learning_rate.branch_anneal(step, anneal_steps, end_value)
     except ValueError as e:

@@ -129,11 +129,36 @@ def check_config(config: TrainConfig):
                          f"{config.num_microbatches}; pick a batch size that is a multiple of it")
     if config.log_period <= 0 or config.checkpoint_period <= 0:
         raise ValueError("TrainConfig.log_period and checkpoint_period must be positive")
+    check_checkpoints_kept(config)
+    check_optimizer(config)
     check_steps_and_eval(config)
     if config.max_consecutive_nonfinite is not None and (not _is_int(config.max_consecutive_nonfinite)
                                                          or config.max_consecutive_nonfinite <= 0):
         raise ValueError(f"TrainConfig.max_consecutive_nonfinite ({config.max_consecutive_nonfinite}) must be "
                          "positive, or None to skip non-finite steps without ever stopping")
+
+
+def check_checkpoints_kept(config: TrainConfig):
+    """keep_checkpoints / keep_period: None (keep all; no period) or a positive whole number. orbax
+    takes max_to_keep=0 as "keep none" and deletes every step as soon as it is written."""
+    for name, value in (("TrainConfig.keep_checkpoints", config.keep_checkpoints),
+                        ("TrainConfig.keep_period", config.keep_period)):
+        if value is not None and (not _is_int(value) or value <= 0):
+            fix = ("None keeps every checkpoint (as t5x's SaveCheckpointConfig.keep), N >= 1 keeps the last N"
+                   if name.endswith("keep_checkpoints") else "None keeps no extra steps, K >= 1 keeps every K-th step")
+            raise ValueError(f"{name} = {value!r} cannot work: it must be None or a whole number >= 1 ({fix}); "
+                             f"e.g. --gin.{name}=3")
+
+
+def check_optimizer(config: TrainConfig):
+    """Build the optimizer once (cheap: no state) so that a gin binding it refuses (an unknown
+    make_optimizer.name) is one line here, before the data and the model are touched."""
+    if config.optimizer is None:
+        return
+    try:
+        config.optimizer(learning_rate=1e-3)
+    except UserError as e:  # gin appends "In call to configurable ..." on lines of their own
+        raise ConfigError(str(e).split("\n")[0].strip()) from None
 
 
 def check_steps_and_eval(config: TrainConfig):
@@ -170,8 +195,33 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_model_dir(model_dir: str):
-    """MODEL_DIR must be a directory that exists or can be made (checked without writing anything)."""
+# characters a local checkpoint path cannot hold: tensorstore (orbax's array writer) takes a backslash
+# for a path separator, so the arrays of a step land outside its folder and the step cannot be read
+# back; quotes and control characters are left over from a value quoted twice (`--gin.MODEL_DIR='"/x"'`)
+# or pasted with a line break, never meant as part of a folder name
+_UNUSABLE_PATH_CHARACTERS = {"\\": "a backslash", '"': "a double quote", "'": "a single quote"}
+
+
+def path_problem(path: str) -> Optional[str]:
+    """Why orbax/tensorstore cannot write checkpoints under `path` ("it contains a backslash"), or None."""
+    for character, name in _UNUSABLE_PATH_CHARACTERS.items():
+        if character in path:
+            return f"it contains {name} ({character})"
+    control = next((c for c in path if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        return f"it contains the control character {control!r}"
+    return None
+
+
+def check_model_dir(model_dir: str, name: str = "MODEL_DIR"):
+    """A directory checkpoints can be written to: no character tensorstore cannot handle, and one
+    that exists or can be made (checked without writing anything). `name`: how the user gave it
+    (MODEL_DIR, --output_dir)."""
+    problem = path_problem(model_dir)
+    if problem:
+        raise ValueError(f"{name} {model_dir!r} cannot hold checkpoints: {problem}, which the checkpoint "
+                         "writer (tensorstore) cannot use in a path; choose a path without it (give the path "
+                         "once, without quotes of its own: --gin.MODEL_DIR=/path/to/run)")
     if "://" in model_dir:  # gs:// and other remote paths: orbax reports problems with them itself
         return
     path = os.path.abspath(model_dir)
@@ -179,10 +229,19 @@ def check_model_dir(model_dir: str):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"MODEL_DIR {model_dir} cannot be created: {existing} is a file; choose another MODEL_DIR")
+        raise ValueError(f"{name} {model_dir} cannot be created: {existing} is a file; choose another {name}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"MODEL_DIR {model_dir} is not writable ({existing} does not allow writing); "
-                         "choose a writable MODEL_DIR or fix its permissions")
+        raise ValueError(f"{name} {model_dir} is not writable ({existing} does not allow writing); "
+                         f"choose a writable {name} or fix its permissions")
+
+
+def check_output_dir(output_dir: str, flag: str = "--output_dir"):
+    """check_model_dir for a command's output directory of checkpoints (import-*, anneal), as a
+    ConfigError (one line) naming the flag."""
+    try:
+        check_model_dir(output_dir, flag)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("--gin.MODEL_DIR=", f"{flag} ")) from None
 
 
 def mesh_and_rules(mesh_shape: Mapping[str, int], rules_name: str, num_devices: Optional[int] = None):

@@ -18,12 +18,15 @@ is exact too but takes time that grows with the step; one line says which and wh
 """
 import dataclasses
 import os
+import tempfile
 from typing import Callable, Iterator, List, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future
+
+from ul2lab.errors import UserError
 
 ITEM = "data"
 
@@ -55,6 +58,12 @@ def resume(batches: Callable[[int], Iterator[dict]], data, drawn: int, position:
             data.restore_position(position)
         except ValueError as e:
             why = f"the saved data position of this host cannot be used: {e}"
+        except OSError as e:  # unpacked into temporary files: a full disk or a file-size limit (ulimit -f)
+            raise UserError(
+                f"the data position saved after batch {drawn} cannot be unpacked into the temporary folder "
+                f"{tempfile.gettempdir()} ({e.strerror or e}); free space there (or set TMPDIR to a folder "
+                "with room) and raise the file-size limit (ulimit -f) if one is set, then rerun the same "
+                "command to resume") from None
         else:
             log(f"restored the data position after batch {drawn} (nothing replayed)", flush=True)
             return data

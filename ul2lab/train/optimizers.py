@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 import jax
 import optax
 
+from ul2lab.errors import UserError
+
 LearningRate = Union[float, optax.Schedule]
 
 
@@ -141,20 +143,30 @@ def adamw(learning_rate: LearningRate, b1: float = 0.9, b2: float = 0.999, eps: 
 OPTIMIZERS = {"adafactor": adafactor, "adamw": adamw}
 
 
+class OptimizerError(UserError, ValueError):
+    """An optimizer name or argument that does not exist (a gin binding of make_optimizer)."""
+
+
 def make_optimizer(name: str, learning_rate: LearningRate, grad_clip_norm: Optional[float] = None,
                    **kwargs: Any) -> optax.GradientTransformation:
     """The optimizer called `name` ("adafactor" or "adamw"), with its keyword arguments.
 
     grad_clip_norm: clip gradients to this global norm first (None: no clipping).
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    # gin builds this inside the run (TrainConfig.optimizer = @make_optimizer): the messages name the
+    # gin bindings, and OptimizerError is printed as one line before anything is written
+    if not isinstance(name, str) or name not in OPTIMIZERS:
+        raise OptimizerError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)} (the gin binding "
+                             f"make_optimizer.name = {name!r}; e.g. make_optimizer.name = 'adafactor', or "
+                             "--gin.make_optimizer.name=adamw)")
     if grad_clip_norm is not None and grad_clip_norm <= 0:
-        raise ValueError(f"grad_clip_norm must be positive (or None for no clipping), got {grad_clip_norm}")
+        raise OptimizerError(f"make_optimizer.grad_clip_norm must be positive (or None for no clipping), got "
+                             f"{grad_clip_norm!r}")
     known = set(inspect.signature(OPTIMIZERS[name]).parameters) - {"learning_rate"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"optimizer {name!r} has no argument(s) {unknown}; its arguments are {sorted(known)}")
+        raise OptimizerError(f"optimizer {name!r} has no argument(s) {unknown} (bound on make_optimizer in gin); "
+                             f"its arguments are {sorted(known)}")
     optimizer = OPTIMIZERS[name](learning_rate, **kwargs)
     if grad_clip_norm is None:
         return optimizer

@@ -128,7 +128,7 @@ class InfiniteSchedule:
       [0, W)        warmup    0 -> peak_value linearly
       [W, W+C)      cooldown  peak_value -> constant_value (cosine, or inverse-sqrt scaled to land)
       [W+C, A)      constant  constant_value (forever when anneal_start is None)
-      [A, A+S)      anneal    constant * (end / constant) ** ((t - A) / S)
+      [A, A+S)      anneal    constant * (end / constant) ** ((t - A) / S); end 0: linearly to 0
       [A+S, ...)    end       end_value
     """
     peak_value: float
@@ -161,7 +161,7 @@ class InfiniteSchedule:
             return
         _check_steps("anneal_start", self.anneal_start)
         _check_steps("anneal_steps", self.anneal_steps, allow_zero=False)
-        _check_positive("end_value", self.end_value)
+        _check_positive("end_value", self.end_value, allow_zero=True)
         if self.anneal_start < self.constant_start:
             raise ValueError(f"infinite schedule: anneal_start ({self.anneal_start}) is before the end of "
                              f"warmup + cooldown ({self.constant_start}); anneal from the constant phase")
@@ -226,9 +226,12 @@ class InfiniteSchedule:
             phases.append((self.warmup_steps, self._cooldown_fn()))
         phases.append((self.constant_start, optax.constant_schedule(self.constant_value)))
         if self.anneal_start is not None:
-            ratio = self.end_value / self.constant_value
-            phases.append((self.anneal_start, lambda s: self.constant_value * jnp.power(
-                ratio, jnp.asarray(s, jnp.float32) / self.anneal_steps)))
+            if self.end_value:
+                ratio = self.end_value / self.constant_value
+                phases.append((self.anneal_start, lambda s: self.constant_value * jnp.power(
+                    ratio, jnp.asarray(s, jnp.float32) / self.anneal_steps)))
+            else:  # an exponential never reaches 0 (it would drop to 0 after one step): linear to 0
+                phases.append((self.anneal_start, optax.linear_schedule(self.constant_value, 0.0, self.anneal_steps)))
             phases.append((self.anneal_start + self.anneal_steps, optax.constant_schedule(self.end_value)))
         schedule = optax.join_schedules([fn for _, fn in phases], [start for start, _ in phases[1:]])
         return jnp.asarray(schedule(jnp.asarray(step) + self.offset), jnp.float32)
