@@ -31,6 +31,8 @@ def add_parser(subparsers):
     p.add_argument("--vocab_path", default=None,
                    help="SentencePiece model for the tokenizer files (default: the checkpoint's vocab_path)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --output_dir")
+    p.add_argument("--allow_missing_checksums", action="store_true",
+                   help="export a step that has no checksums (written before ul2lab saved them), its arrays unchecked")
     p.set_defaults(func=run_export_hf)
 
 
@@ -42,5 +44,6 @@ def run_import_hf(args) -> int:
 
 def run_export_hf(args) -> int:
     from ul2lab.interop import convert
-    convert.export_hf(args.checkpoint_dir, args.output_dir, args.vocab_path, args.overwrite)
+    convert.export_hf(args.checkpoint_dir, args.output_dir, args.vocab_path, args.overwrite,
+                      allow_missing_checksums=args.allow_missing_checksums)
     return 0

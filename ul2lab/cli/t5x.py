@@ -47,6 +47,8 @@ def add_parser(subparsers):
     p.add_argument("--output_dir", required=True, help="t5x MODEL_DIR to create")
     p.add_argument("--step", type=int, default=None, help="the step to export (default: the latest)")
     p.add_argument("--overwrite", action="store_true", help="replace what --output_dir holds")
+    p.add_argument("--allow_missing_checksums", action="store_true",
+                   help="export a step that has no checksums (written before ul2lab saved them), its arrays unchecked")
     p.set_defaults(func=run_export_t5x)
 
 
@@ -84,5 +86,6 @@ def run_import_mtf(args) -> int:
 
 def run_export_t5x(args) -> int:
     from ul2lab.interop import convert
-    convert.export_t5x(args.checkpoint_dir, args.output_dir, args.step, args.overwrite)
+    convert.export_t5x(args.checkpoint_dir, args.output_dir, args.step, args.overwrite,
+                       args.allow_missing_checksums)
     return 0

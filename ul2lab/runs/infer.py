@@ -36,7 +36,8 @@ from ul2lab.train import checkpoints
 MAX_CHARS_PER_TOKEN = 16
 
 
-def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True):
+def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True,
+                    allow_missing_checksums: bool = False):
     """(config, params, seqio vocabulary or None) of a checkpoint directory (the params checked
     against their checksums), or a UserError saying what is missing or damaged. The vocabulary is
     looked up first, so a missing one fails before the params are read."""
@@ -49,7 +50,8 @@ def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True
         raise UserError(f"{checkpoint_dir}/config.json has no vocab_path; set it to the SentencePiece .model "
                         "the model was trained with")
     try:
-        config, params, _ = checkpoints.load_params(checkpoint_dir, step)
+        config, params, _ = checkpoints.load_params(checkpoint_dir, step,
+                                                    allow_missing_checksums=allow_missing_checksums)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     return config, params, vocab
@@ -132,7 +134,8 @@ def infer(settings: InferConfig) -> int:
                         "= True) or choose another file")
     score_mode = settings.mode == "score"
     rows = _read_jsonl(settings.input_file, need_targets=score_mode)
-    config, params, vocab = load_checkpoint(settings.checkpoint_path, settings.step)
+    config, params, vocab = load_checkpoint(settings.checkpoint_path, settings.step,
+                                            allow_missing_checksums=settings.allow_missing_checksums)
 
     inputs = _tokenize(vocab, [r["inputs"] for r in rows], settings.max_input_length)
     targets = _tokenize(vocab, [r["targets"] for r in rows], settings.max_target_length, "targets",
@@ -191,7 +194,8 @@ def infer_task(settings: InferConfig) -> int:
             raise UserError(f"{path} exists; pass --overwrite (InferConfig.overwrite = True) or choose another "
                             "--infer_output_dir")
     try:  # the task brings its vocabulary: the checkpoint's vocab_path is not needed
-        config, params, _ = checkpoints.load_params(settings.checkpoint_path, settings.step)
+        config, params, _ = checkpoints.load_params(settings.checkpoint_path, settings.step,
+                                                    allow_missing_checksums=settings.allow_missing_checksums)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     lengths = dict(settings.task_feature_lengths or {"inputs": settings.max_input_length,
