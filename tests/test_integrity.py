@@ -164,6 +164,9 @@ def test_a_step_that_cannot_be_decoded_prints_one_line_and_no_traceback(trained_
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("I0000", "E0000", "W0000"))]
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-3000:]
+    # what was dropped is counted, one line after the restore that abandoned it
+    lines = [line for line in lines if not re.fullmatch(r"note: dropped \d+ reports? of reads that the failed "
+                                                          r"checkpoint restore abandoned .*", line)]
     assert len(lines) == 3 * len(runs) and all(line.startswith("refused:") for line in lines), lines
     decoded = sum("its files cannot be decoded" in line for line in lines)
     assert decoded >= 3, f"the offsets {DECODE_FAILURES} no longer hit the decode path: {lines}"

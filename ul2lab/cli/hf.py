@@ -33,6 +33,8 @@ def add_parser(subparsers):
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model already in --output_dir (its weights, configs and tokenizer files; "
                         "other files there are kept)")
+    p.add_argument("--allow_missing_checksums", action="store_true",
+                   help="export a step that has no checksums (written before ul2lab saved them), its arrays unchecked")
     p.set_defaults(func=run_export_hf)
 
 
@@ -46,5 +48,6 @@ def run_import_hf(args) -> int:
 
 def run_export_hf(args) -> int:
     from ul2lab.interop import convert
-    convert.export_hf(args.checkpoint_dir, args.output_dir, args.vocab_path, args.overwrite)
+    convert.export_hf(args.checkpoint_dir, args.output_dir, args.vocab_path, args.overwrite,
+                      allow_missing_checksums=args.allow_missing_checksums)
     return 0

@@ -89,6 +89,8 @@ def _add_checkpoint_args(p):
     p.add_argument("--top_k", type=int, help="sample from the top K tokens only (default 0: all)")
     p.add_argument("--top_p", type=float, help="sample from the smallest set with probability >= P (default 1)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--allow_missing_checksums", action="store_true", default=None,
+                   help="read a step that has no checksums (written before ul2lab saved them), its arrays unchecked")
 
 
 def _given(cls, args) -> dict:

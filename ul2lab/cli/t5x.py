@@ -52,6 +52,8 @@ def add_parser(subparsers):
     p.add_argument("--overwrite", action="store_true",
                    help="replace a t5x export already in --output_dir (its checkpoint_<step> folders, config.gin "
                         "and vocabulary; other files there are kept)")
+    p.add_argument("--allow_missing_checksums", action="store_true",
+                   help="export a step that has no checksums (written before ul2lab saved them), its arrays unchecked")
     p.set_defaults(func=run_export_t5x)
 
 
@@ -95,5 +97,6 @@ def run_export_t5x(args) -> int:
     from ul2lab.interop import convert
     from ul2lab.train.config import check_output_dir
     check_output_dir(args.output_dir)  # tensorstore writes the arrays: a path it can use
-    convert.export_t5x(args.checkpoint_dir, args.output_dir, args.step, args.overwrite)
+    convert.export_t5x(args.checkpoint_dir, args.output_dir, args.step, args.overwrite,
+                       args.allow_missing_checksums)
     return 0

@@ -52,14 +52,15 @@ def import_hf(hf_dir: str, output_dir: str, vocab_path: Optional[str] = None, ov
 
 
 def export_hf(checkpoint_dir: str, output_dir: str, vocab_path: Optional[str] = None, overwrite: bool = False,
-              step: Optional[int] = None) -> str:
+              step: Optional[int] = None, allow_missing_checksums: bool = False) -> str:
     """A ul2lab checkpoint (the latest step, or `step`) -> a transformers T5ForConditionalGeneration
     directory, with tokenizer files when the checkpoint knows its vocabulary; returns output_dir."""
     _, payload = checkpoints.read_config(checkpoint_dir)
     out = os.path.abspath(output_dir)
     _check_export_target(checkpoint_dir, out, overwrite, hf.is_export_file, "a Hugging Face model")  # before reading params
     vocab_path = vocab_path or checkpoints.vocabulary_path(checkpoint_dir, payload)  # before reading params
-    config, params, _ = checkpoints.load_params(checkpoint_dir, step)  # checked against the step's checksums
+    config, params, _ = checkpoints.load_params(checkpoint_dir, step,  # checked against the step's checksums
+                                                allow_missing_checksums=allow_missing_checksums)
     _export_into(out, lambda tmp: hf.save(config, params, tmp, vocab_path=vocab_path, overwrite=True,
                                           extra_ids=payload.get("extra_ids", 100)), hf.is_export_file)
     print(f"exported {checkpoint_dir} -> {output_dir}"
@@ -130,15 +131,17 @@ def import_mtf(checkpoint_dir: str, output_dir: str, model: Optional[str] = None
     return out
 
 
-def export_t5x(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, overwrite: bool = False) -> str:
+def export_t5x(checkpoint_dir: str, output_dir: str, step: Optional[int] = None, overwrite: bool = False,
+               allow_missing_checksums: bool = False) -> str:
     """A ul2lab checkpoint step -> a t5x MODEL_DIR: checkpoint_<step>/ in t5x's tensorstore layout (params
     only, 2-D attention kernels, unrolled layers) and config.gin with the model's network.T5Config;
-    written one array at a time. Returns the checkpoint_<step> directory."""
+    written one array at a time, each checked against the step's checksums as it is read (a mismatch
+    leaves output_dir as it was). Returns the checkpoint_<step> directory."""
     _, payload = checkpoints.read_config(checkpoint_dir)
     out = os.path.abspath(output_dir)
     _check_export_target(checkpoint_dir, out, overwrite, t5x_files.is_export_entry, "a t5x export")
     vocab_path = checkpoints.vocabulary_path(checkpoint_dir, payload)
-    config, step, arrays = checkpoints.param_arrays(checkpoint_dir, step)
+    config, step, arrays = checkpoints.param_arrays(checkpoint_dir, step, allow_missing_checksums)
     t5x_arrays = t5x.export_params(arrays)
     # t5x finds the vocabulary through config.gin; a local file travels with the export (import-t5x reads both)
     local = bool(vocab_path) and "://" not in vocab_path

@@ -21,7 +21,8 @@ def run_eval(settings: EvalConfig) -> dict:
     """Evaluate settings.checkpoint_path on its task or mixture; print the metrics and write them
     (EVAL_OUTPUT_DIR/metrics.json and/or settings.output_file). Returns {task: {metric: value}}."""
     # the task's own vocabulary decodes the predictions: the checkpoint's is not needed
-    config, params, _ = load_checkpoint(settings.checkpoint_path, settings.step, need_vocabulary=False)
+    config, params, _ = load_checkpoint(settings.checkpoint_path, settings.step, need_vocabulary=False,
+                                        allow_missing_checksums=settings.allow_missing_checksums)
     metrics = evaluate(config, params, settings)
     for task, values in sorted(metrics.items()):
         for name, value in sorted(values.items()):

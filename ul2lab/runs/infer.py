@@ -36,7 +36,8 @@ from ul2lab.train import checkpoints
 MAX_CHARS_PER_TOKEN = 16
 
 
-def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True):
+def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True,
+                    allow_missing_checksums: bool = False):
     """(config, params, seqio vocabulary or None) of a checkpoint directory (the params checked
     against their checksums), or a UserError saying what is missing or damaged. The vocabulary is
     looked up first, so a missing one fails before the params are read."""
@@ -48,16 +49,17 @@ def load_checkpoint(checkpoint_dir: str, step=None, need_vocabulary: bool = True
     elif need_vocabulary:
         raise UserError(f"{checkpoint_dir}/config.json has no vocab_path; set it to the SentencePiece .model "
                         "the model was trained with")
-    config, params = load_params(checkpoint_dir, step)
+    config, params = load_params(checkpoint_dir, step, allow_missing_checksums)
     return config, params, vocab
 
 
-def load_params(checkpoint_dir: str, step=None):
+def load_params(checkpoint_dir: str, step=None, allow_missing_checksums: bool = False):
     """(config, params) of a checkpoint step, checked to fit the model its config.json describes (an
     edited config.json, or a step folder copied from another model, is a one-line CheckpointError
     here, not a flax shape error in the middle of decoding)."""
     try:
-        config, params, step = checkpoints.load_params(checkpoint_dir, step)
+        config, params, step = checkpoints.load_params(checkpoint_dir, step,
+                                                       allow_missing_checksums=allow_missing_checksums)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     check_params_fit(config, params, checkpoint_dir, step)
@@ -159,7 +161,8 @@ def infer(settings: InferConfig) -> int:
                         "= True) or choose another file")
     score_mode = settings.mode == "score"
     rows = _read_jsonl(settings.input_file, need_targets=score_mode)
-    config, params, vocab = load_checkpoint(settings.checkpoint_path, settings.step)
+    config, params, vocab = load_checkpoint(settings.checkpoint_path, settings.step,
+                                            allow_missing_checksums=settings.allow_missing_checksums)
 
     inputs = _tokenize(vocab, [r["inputs"] for r in rows], settings.max_input_length)
     targets = _tokenize(vocab, [r["targets"] for r in rows], settings.max_target_length, "targets",
@@ -220,7 +223,7 @@ def infer_task(settings: InferConfig) -> int:
     lengths = dict(settings.task_feature_lengths or {"inputs": settings.max_input_length,
                                                      "targets": settings.max_decode_length})
     # the task brings its vocabulary: the checkpoint's vocab_path is not needed
-    config, params = load_params(settings.checkpoint_path, settings.step)
+    config, params = load_params(settings.checkpoint_path, settings.step, settings.allow_missing_checksums)
     total = 0
     for task in tasks:
         examples = task_examples(task, lengths, settings)

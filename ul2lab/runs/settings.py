@@ -26,6 +26,7 @@ class DecodeSettings:
     top_k: int = 0                  # sample from the top K tokens only (0: all)
     top_p: float = 1.0              # sample from the smallest set with probability >= P
     seed: int = 0                   # sampling seed
+    allow_missing_checksums: bool = False  # read a step that has no checksums (its arrays unchecked)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,13 +14,13 @@ vocabulary. Every restore compares the arrays it read with the step's checksums 
 finite; a step that fails is a CorruptCheckpointError naming the step and the arrays.
 """
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -45,6 +45,15 @@ class CheckpointError(UserError, ValueError):
 
 class CorruptCheckpointError(CheckpointError):
     """A step whose arrays do not match their saved checksums or hold NaN/inf."""
+
+
+class MissingChecksumsError(CheckpointError):
+    """A step without checksums (or without some arrays' checksums): its arrays cannot be checked."""
+
+
+# how a user accepts a step whose arrays have no checksums, named by the refusal
+ALLOW_MISSING_CHECKSUMS = ("pass --allow_missing_checksums to use it unchecked (train and anneal: "
+                           "--gin.bindings='TrainConfig.allow_missing_checksums = True')")
 
 
 def write_config(directory: str, config: T5Config, vocab_path: Optional[str] = None, **extra: Any):
@@ -244,10 +253,16 @@ def save_params(directory: str, params: Any, config: T5Config, step: int = 0,
         items.update(opt_state=ocp.args.PyTreeSave(opt_state), run=ocp.args.JsonSave(run))
         handlers.update(opt_state=_lazy_tree_handler(), run=ocp.JsonCheckpointHandler())
     arrays = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
-    if not any(isinstance(x, LazyArray) for x in jax.tree_util.tree_leaves(
-            arrays, is_leaf=lambda x: isinstance(x, LazyArray))):
-        # checksums need every array in memory; a streamed import (LazyArray leaves) is written
-        # without them, and its arrays are still checked finite when restored
+    streamed = any(isinstance(x, LazyArray) for x in jax.tree_util.tree_leaves(
+        arrays, is_leaf=lambda x: isinstance(x, LazyArray)))
+    if streamed:
+        # each LazyArray's digest is taken from the bytes written, as it is written (one array in memory);
+        # the checksums item is added once every array is on disk
+        arrays, checksums = _digest_while_written(arrays)
+        items["params"] = ocp.args.PyTreeSave(arrays["params"])
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.PyTreeSave(arrays["opt_state"])
+    else:
         items[CHECKSUMS_ITEM] = ocp.args.JsonSave(integrity.digests(arrays))
         handlers[CHECKSUMS_ITEM] = ocp.JsonCheckpointHandler()
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
@@ -257,12 +272,46 @@ def save_params(directory: str, params: Any, config: T5Config, step: int = 0,
                 manager.delete(old)
         manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
+    if streamed:
+        missing = [k for k, digest in checksums["arrays"].items() if digest is None]
+        if missing:  # an array the writer never loaded: the step must not look checked
+            raise CheckpointError(f"{integrity.describe(missing)} of {directory} step {step} were not written")
+        if jax.process_index() == 0:
+            atomic_write_json(os.path.join(directory, str(step), CHECKSUMS_ITEM, JSON_ITEM_FILE), checksums)
     write_config(directory, config, vocab_path)
 
 
-def param_arrays(directory: str, step: Optional[int] = None) -> Tuple[T5Config, int, Dict[str, LazyArray]]:
+JSON_ITEM_FILE = "metadata"  # the file orbax's JsonCheckpointHandler keeps an item in
+
+
+def _digest_while_written(arrays: Any) -> Tuple[Any, dict]:
+    """(the tree with each LazyArray wrapped to record its digest when loaded for writing, checksums
+    {"format", "arrays": {path: digest, None until written}}); in-memory leaves are digested now."""
+    checksums = {"format": integrity.DIGEST_FORMAT, "arrays": {}}
+
+    def wrap(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if not isinstance(leaf, LazyArray):
+            checksums["arrays"][name] = integrity.array_summary(np.asarray(leaf))[0]
+            return leaf
+        checksums["arrays"][name] = None
+
+        def load(lazy=leaf):
+            array = np.asarray(lazy.load())
+            checksums["arrays"][name] = integrity.array_summary(array)[0]
+            return array
+        return LazyArray(leaf.shape, leaf.dtype, load)
+    wrapped = jax.tree_util.tree_map_with_path(wrap, arrays, is_leaf=lambda x: isinstance(x, LazyArray))
+    return wrapped, checksums
+
+
+def param_arrays(directory: str, step: Optional[int] = None, allow_missing_checksums: bool = False,
+                 log=print) -> Tuple[T5Config, int, Dict[str, LazyArray]]:
     """(config, step, {"/"-joined parameter path: LazyArray}) of a checkpoint step: shapes come from
-    the step's metadata and each array is read only when loaded (to convert models larger than memory)."""
+    the step's metadata and each array is read only when loaded (to convert models larger than memory).
+    Each load checks the array against the step's checksums and finite (CorruptCheckpointError); a step
+    without checksums for every array is refused before anything is read (MissingChecksumsError)
+    unless allow_missing_checksums."""
     directory = os.path.abspath(directory)
     config, _ = read_config(directory)
     steps = all_steps(directory)
@@ -270,13 +319,47 @@ def param_arrays(directory: str, step: Optional[int] = None) -> Tuple[T5Config, 
         raise CheckpointError(f"{directory} has no finished checkpoint step {'' if step is None else step}"
                               f"{'' if not steps else f'; it has steps {steps}'}")
     step = steps[-1] if step is None else step
-    return config, step, pytree_arrays(os.path.join(directory, str(step), "params"))
+    arrays = pytree_arrays(os.path.join(directory, str(step), "params"))
+    saved = read_checksums(directory, step)
+    names = {path: integrity.key("params", *path.split("/")) for path in arrays}
+    _check_covered(list(names.values()), saved, directory, step, allow_missing_checksums, log)
+    digests = (saved or {}).get("arrays", {})
+    step_dir = os.path.join(directory, str(step))
+
+    def checked(path: str, lazy: LazyArray) -> LazyArray:
+        def load():
+            array = lazy.load()
+            digest, nonfinite = integrity.array_summary(array)
+            expected = digests.get(names[path])
+            if expected is not None and list(expected) != digest:
+                raise CorruptCheckpointError(f"checkpoint {step_dir} is corrupt: the content of params/{path} does "
+                                             "not match the checksum saved with it (the bytes changed after the "
+                                             "step was written). Use another step (or restore this one from a copy)")
+            if nonfinite:
+                raise CorruptCheckpointError(f"checkpoint {step_dir} is corrupt: params/{path} holds NaN or inf. "
+                                             "Use another step (or restore this one from a copy)")
+            return array
+        return LazyArray(lazy.shape, lazy.dtype, load)
+    return config, step, {path: checked(path, lazy) for path, lazy in arrays.items()}
+
+
+def read_checksums(directory: str, step: int) -> Optional[dict]:
+    """The checksums saved with a step (None when it has none), read without touching its arrays."""
+    path = os.path.join(directory, str(step), CHECKSUMS_ITEM, JSON_ITEM_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (ValueError, OSError) as e:
+        raise CorruptCheckpointError(f"the checksums of checkpoint {os.path.join(directory, str(step))} cannot be "
+                                     f"read ({one_line(e)}); use another step (or restore this one from a copy)") from None
+    return saved if isinstance(saved, dict) else None
 
 
 def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
     """{"/"-joined path: LazyArray} of an orbax PyTree directory (a step's `params`, or t5x's orbax
     `state`), each leaf read alone (an orbax partial restore) when loaded."""
-    _silence_abandoned_reads()
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(pytree_dir)
     tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
@@ -288,9 +371,10 @@ def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
 
     def loader(keys, leaf):
         def load():
-            restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
-                item=nested(keys, leaf), restore_args=nested(keys, ocp.RestoreArgs(restore_type=np.ndarray)),
-                partial_restore=True))
+            with AbandonedReadsQuieted():
+                restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
+                    item=nested(keys, leaf), restore_args=nested(keys, ocp.RestoreArgs(restore_type=np.ndarray)),
+                    partial_restore=True))
             for key in keys:
                 restored = restored[key]
             return np.asarray(restored)
@@ -303,15 +387,19 @@ def pytree_arrays(pytree_dir: str) -> Dict[str, LazyArray]:
     return arrays
 
 
-def load_params(directory: str, step: Optional[int] = None,
-                abstract_params: Any = None) -> Tuple[T5Config, Any, int]:
+def load_params(directory: str, step: Optional[int] = None, abstract_params: Any = None,
+                allow_missing_checksums: bool = False) -> Tuple[T5Config, Any, int]:
     """(model config, params, step) of any ul2lab checkpoint directory (a run's MODEL_DIR or an
     import): the latest step by default. Without `abstract_params` the params come as saved (float32
     numpy); with it (a tree of jax.ShapeDtypeStruct) they are laid out as its shardings say, and a
     checkpoint of other shapes is a CheckpointError. Either way the arrays are checked against the
-    step's checksums and checked finite (CorruptCheckpointError)."""
+    step's checksums and checked finite (CorruptCheckpointError); a step without checksums for every
+    array is a MissingChecksumsError unless allow_missing_checksums."""
     directory = os.path.abspath(directory)
     config, _ = read_config(directory)  # a clear error if it is not a checkpoint directory
+    wanted = abstract_params
+    if abstract_params is not None:
+        abstract_params = _with_saved_decoder_norm(abstract_params, config.decoder_norm_use_scale)
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as manager:
         steps = list(manager.all_steps())
         if not steps:
@@ -320,10 +408,12 @@ def load_params(directory: str, step: Optional[int] = None,
         if step not in steps:
             raise CheckpointError(f"{directory} has no checkpoint at step {step}; it has steps {sorted(steps)}")
         what = f"the parameters in {directory} (step {step})"
-        _silence_abandoned_reads()
+        if read_checksums(directory, step) is None and not allow_missing_checksums:
+            _check_covered(["params"], None, directory, step, False)  # refused before anything is read
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params), **_checksums_restore(directory, step)))
+            with AbandonedReadsQuieted():
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params), **_checksums_restore(directory, step)))
         except (ValueError, KeyError, TypeError) as e:
             _raise_if_unreadable(e, directory, step)
             raise CheckpointError(f"{what} do not fit this model: {e}") from e
@@ -333,8 +423,50 @@ def load_params(directory: str, step: Optional[int] = None,
                                          f"({one_line(e)}); use another step (or restore it from a copy)") from e
     if abstract_params is not None:
         _check_shapes(restored["params"], abstract_params, what)
-    verify(restored, directory, step)
+    verify(restored, directory, step, allow_missing_checksums)
+    if wanted is not None:
+        return config, _as_decoder_norm_of(restored["params"], wanted, what), step
     return config, restored["params"], step
+
+
+# A decoder final norm whose scale is all ones is the norm without a scale. Hugging Face's T5 always has
+# the scale (google/ul2's is all ones) while UL2 20B's t5x checkpoint and ul2_20b.gin have none: a model
+# with one loads a checkpoint with the other when that scale is all ones (or is missing: ones).
+
+def _decoder_norm_scale(params: Any) -> Any:
+    return (params.get("decoder", {}).get("decoder_norm") or {}).get("scale") if isinstance(params, dict) else None
+
+
+def _with_saved_decoder_norm(abstract: Any, saved_has_scale: bool) -> Any:
+    """`abstract` with the decoder norm scale the checkpoint holds (added or dropped)."""
+    has = _decoder_norm_scale(abstract) is not None
+    if has == saved_has_scale or not isinstance(abstract, dict) or "decoder" not in abstract:
+        return abstract
+    decoder = dict(abstract["decoder"])
+    if saved_has_scale:
+        like = abstract["encoder"]["encoder_norm"]["scale"]  # same shape (embed,) and layout
+        decoder["decoder_norm"] = {"scale": like}
+    else:
+        decoder.pop("decoder_norm")
+    return {**abstract, "decoder": decoder}
+
+
+def _as_decoder_norm_of(params: Any, wanted: Any, what: str) -> Any:
+    """The restored params with the decoder norm scale `wanted` has (see above)."""
+    saved, want = _decoder_norm_scale(params), _decoder_norm_scale(wanted)
+    if (saved is None) == (want is None):
+        return params
+    decoder = dict(params["decoder"])
+    if want is None:
+        if not np.all(np.asarray(saved) == 1):
+            raise CheckpointError(f"{what} have a decoder norm scale that is not all ones, and this model has none "
+                                  "(decoder_norm_use_scale = False); train it with preset.decoder_norm_use_scale = True")
+        decoder.pop("decoder_norm")
+    else:
+        ones = np.ones(want.shape, want.dtype)
+        sharding = getattr(want, "sharding", None)
+        decoder["decoder_norm"] = {"scale": jax.device_put(ones, sharding) if sharding is not None else ones}
+    return {**params, "decoder": decoder}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,8 +498,9 @@ class RunCheckpoints:
     """An orbax CheckpointManager for a training run: async saves, keep-last-N plus every K-th step."""
 
     def __init__(self, directory: str, max_to_keep: Optional[int] = 3, keep_period: Optional[int] = None,
-                 async_save: bool = True):
+                 async_save: bool = True, allow_missing_checksums: bool = False):
         self.directory = os.path.abspath(directory)
+        self.allow_missing_checksums = allow_missing_checksums
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True))  # a killed save leaves *.orbax-checkpoint-tmp-*
@@ -397,12 +530,14 @@ class RunCheckpoints:
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Tuple[Any, Any, dict]:
         """(params, opt_state, run dict) of `step`, laid out as the abstract trees' shardings say."""
-        _silence_abandoned_reads()
+        if read_checksums(self.directory, step) is None and not self.allow_missing_checksums:
+            _check_covered(["params"], None, self.directory, step, False)  # refused before anything is read
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state), run=ocp.args.JsonRestore(),
-                **_checksums_restore(self.directory, step)))
+            with AbandonedReadsQuieted():
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    opt_state=ocp.args.StandardRestore(abstract_opt_state), run=ocp.args.JsonRestore(),
+                    **_checksums_restore(self.directory, step)))
         except (ValueError, KeyError, TypeError) as e:
             _raise_if_unreadable(e, self.directory, step)
             raise CheckpointError(f"could not restore step {step} of {self.directory}: its parameters or "
@@ -414,7 +549,7 @@ class RunCheckpoints:
         what = f"step {step} of {self.directory}: its parameters or optimizer state"
         _check_shapes(restored["params"], abstract_params, what)
         _check_shapes(restored["opt_state"], abstract_opt_state, what)
-        verify(restored, self.directory, step)
+        verify(restored, self.directory, step, self.allow_missing_checksums)
         return restored["params"], restored["opt_state"], dict(restored["run"])
 
     def restore_latest_good(self, abstract_params: Any, abstract_opt_state: Any, log=print):
@@ -431,6 +566,8 @@ class RunCheckpoints:
         for step in steps:
             try:
                 return_value = (step, *self.restore(step, abstract_params, abstract_opt_state))
+            except MissingChecksumsError:
+                raise  # not damage: the user decides (restore the checksums, or accept the step unchecked)
             except Exception as e:  # noqa: BLE001  any unreadable step falls back to an older one
                 failed.append((step, e))
                 log(f"warning: checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
@@ -483,14 +620,14 @@ def _raise_if_unreadable(error: BaseException, directory: str, step: int):
         seen = seen.__cause__ or seen.__context__
 
 
-_HOOK_LOCK = threading.Lock()
 _ORBAX_CODE = f"{os.sep}orbax{os.sep}"
 
 
 def _is_abandoned_read(unraisable) -> bool:
-    """An exception Python cannot raise anywhere, left by an orbax restore that already failed: the
-    sibling reads' coroutines (orbax turns their GeneratorExit into an Exception when they are
-    closed) and tensorstore's callbacks into the event loop orbax closed ("Event loop is closed")."""
+    """An exception Python cannot raise anywhere, of the kind an orbax restore that failed leaves: the
+    sibling reads' coroutines (orbax turns their GeneratorExit into an Exception when they are closed)
+    and tensorstore's callbacks into the event loop orbax closed ("Event loop is closed", reported with
+    no object: an object's __del__ that raises it names the __del__ and is never taken for one)."""
     code = getattr(unraisable.object, "cr_code", None)
     if code is not None and _ORBAX_CODE in code.co_filename:
         return True
@@ -504,41 +641,102 @@ class _AbandonedReadTasks(logging.Filter):
     REPORTS = ("Task exception was never retrieved", "Future exception was never retrieved",
                "Task was destroyed but it is pending")
 
+    def __init__(self, quieted: "AbandonedReadsQuieted"):
+        super().__init__()
+        self.quieted = quieted
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        return not (message.startswith(self.REPORTS) and _ORBAX_CODE in message)
+        if message.startswith(self.REPORTS) and _ORBAX_CODE in message:
+            self.quieted.dropped += 1
+            self.quieted.last_drop = time.monotonic()
+            return False
+        return True
 
 
-def _silence_abandoned_reads():
-    """Installed before every restore (once per process): when a step's files fail to decode, the
-    other reads of that restore end later, some before the error reaches us, each one printing a
-    traceback (hundreds of lines, at exit or in the middle of training) that says nothing the
-    CorruptCheckpointError does not. Drop those; pass every other unraisable exception and asyncio
-    log record on."""
-    with _HOOK_LOCK:
-        if getattr(sys.unraisablehook, "ul2lab_filters_abandoned_reads", False):
+class AbandonedReadsQuieted:
+    """Around one orbax restore: when one read fails to decode, orbax abandons the others, and each
+    later prints a traceback (hundreds of lines) that says nothing the one-line error does not. While
+    the restore runs, and briefly after it failed (until its abandoned reads stop reporting: SETTLE_S
+    without one, at most MAX_WAIT_S), those reports are dropped and counted; then every report passes
+    again, and one line says how many were dropped. Other unraisable exceptions always pass."""
+    SETTLE_S = 0.2
+    MAX_WAIT_S = 2.0
+
+    def __init__(self, log: Callable[[str], None] = None):
+        self.dropped = 0
+        self.last_drop = 0.0
+        self.active = False
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def _hook(self, unraisable):
+        if self.active and _is_abandoned_read(unraisable):
+            self.dropped += 1
+            self.last_drop = time.monotonic()
             return
-        previous = sys.unraisablehook
+        self._previous(unraisable)
 
-        def hook(unraisable):
-            if not _is_abandoned_read(unraisable):
-                previous(unraisable)
+    def __enter__(self):
+        self._previous = sys.unraisablehook
+        self._filter = _AbandonedReadTasks(self)
+        self.active = True
+        sys.unraisablehook = self._hook
+        logging.getLogger("asyncio").addFilter(self._filter)
+        return self
 
-        hook.ul2lab_filters_abandoned_reads = True
-        sys.unraisablehook = hook
-        asyncio_logger = logging.getLogger("asyncio")
-        if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_logger.filters):
-            asyncio_logger.addFilter(_AbandonedReadTasks())
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None:  # the abandoned reads end now (their coroutines collected) or shortly after
+                gc.collect()
+                self.last_drop = max(self.last_drop, time.monotonic())
+                deadline = time.monotonic() + self.MAX_WAIT_S
+                while time.monotonic() < deadline and time.monotonic() - self.last_drop < self.SETTLE_S:
+                    time.sleep(0.02)
+                    gc.collect()
+        finally:
+            self.active = False  # a hook installed over ours keeps calling it: it only passes reports on
+            if sys.unraisablehook == self._hook:
+                sys.unraisablehook = self._previous
+            logging.getLogger("asyncio").removeFilter(self._filter)
+        if self.dropped:
+            self._log(f"note: dropped {self.dropped} report{'s' if self.dropped != 1 else ''} of reads that the "
+                      "failed checkpoint restore abandoned (the error says what failed)")
+        return False
 
 
-def verify(restored: dict, directory: str, step: int):
+def verify(restored: dict, directory: str, step: int, allow_missing_checksums: bool = False, log=print):
     """Raise CorruptCheckpointError if the restored arrays (every item but the checksums and the run
-    record) differ from the step's checksums or hold NaN/inf."""
+    record) differ from the step's checksums or hold NaN/inf; MissingChecksumsError if some have no
+    checksum (unless allow_missing_checksums: then one warning line)."""
     arrays = {k: v for k, v in restored.items() if k not in (CHECKSUMS_ITEM, "run")}
+    _check_covered(integrity.uncovered(arrays, restored.get(CHECKSUMS_ITEM)), restored.get(CHECKSUMS_ITEM),
+                   directory, step, allow_missing_checksums, log, computed=True)
     found = integrity.problems(arrays, restored.get(CHECKSUMS_ITEM))
     if found:
         raise CorruptCheckpointError(f"checkpoint {os.path.join(directory, str(step))} is corrupt: {'; '.join(found)}. "
                                      "Use another step (or restore this one from a copy)")
+
+
+def _check_covered(paths: list, saved: Optional[dict], directory: str, step: int, allow: bool, log=print,
+                   computed: bool = False):
+    """Refuse (MissingChecksumsError) or, when allowed, warn in one line about a step whose checksums
+    are missing (saved None) or lack some of `paths` (array keys; `computed`: paths are already the
+    uncovered ones)."""
+    step_dir = os.path.join(directory, str(step))
+    if saved is None:
+        if not paths:
+            return
+        what = f"checkpoint {step_dir} has no checksums (its {CHECKSUMS_ITEM} folder is missing)"
+    else:
+        missing = paths if computed else [p for p in paths if p not in saved.get("arrays", {})]
+        if not missing:
+            return
+        what = f"checkpoint {step_dir} has no checksum for {integrity.describe(missing)}"
+    if allow:
+        log(f"warning: {what}; using it unchecked (allow_missing_checksums)", flush=True)
+        return
+    raise MissingChecksumsError(f"{what}, so damage to its arrays cannot be detected; restore the step from a "
+                                f"copy, or {ALLOW_MISSING_CHECKSUMS}")
 
 
 def _check_shapes(restored: Any, expected: Any, what: str):

@@ -66,6 +66,9 @@ class TrainConfig:
     # resuming MODEL_DIR with another batch_size moves the data position; refused unless this is True
     # (then the run continues after the examples already seen, rounded up to a whole new batch)
     allow_batch_size_change: bool = False
+    # a step without checksums (or INITIAL_CHECKPOINT_PATH's) is refused: its arrays cannot be checked
+    # for damage; True restores it unchecked (one warning line)
+    allow_missing_checksums: bool = False
 
 
 # exit status of a run stopped by SIGTERM after saving its step: 128 + SIGTERM, what a shell reports for

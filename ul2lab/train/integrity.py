@@ -59,6 +59,31 @@ def summarize(tree: Any) -> Tuple[Dict[str, List[int]], List[str]]:
     return digests, nonfinite
 
 
+def array_summary(array: Any) -> Tuple[List[int], bool]:
+    """(digest words, holds NaN or inf) of one array: what `summarize` gives its leaf, for arrays that
+    are read and written one at a time (imports and exports of models larger than host memory)."""
+    digest, nonfinite = jax.device_get(_summaries([array]))[0]
+    return [int(w) for w in np.asarray(digest)], bool(int(nonfinite))
+
+
+def key(*names: str) -> str:
+    """The checksum key of the array at nested dict keys `names` (as `summarize` names it)."""
+    return "".join(f"[{name!r}]" for name in names)
+
+
+def uncovered(tree: Any, saved: dict = None) -> List[str]:
+    """Paths of the arrays of `tree` that `saved` (a step's checksums; None: it has none) has no digest
+    for: arrays no restore can check for damage."""
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    arrays = saved.get("arrays", {}) if saved and saved.get("format") == DIGEST_FORMAT else {}
+    return [p for p in paths if p not in arrays]
+
+
+def describe(paths: List[str]) -> str:
+    """A few of `paths` in plain words (params/encoder/..., "and N more arrays")."""
+    return _some(paths)
+
+
 def digests(tree: Any) -> dict:
     """What a checkpoint stores beside its arrays: {"format", "arrays": {path: digest}}."""
     return {"format": DIGEST_FORMAT, "arrays": summarize(tree)[0]}

@@ -68,7 +68,7 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
 
         # ---- state: resume this run, or start (from INITIAL_CHECKPOINT_PATH's params, or random)
         ckpt = checkpoints.RunCheckpoints(config.model_dir, config.keep_checkpoints, config.keep_period,
-                                          config.async_checkpoints)
+                                          config.async_checkpoints, config.allow_missing_checksums)
         try:
             state, restored_run = state_lib.restore_or_init(config, ckpt, optimizer, abstract_state, state_shardings)
             data_batches = 0

@@ -102,7 +102,8 @@ def restore_or_init(config: TrainConfig, ckpt, optimizer, abstract_state, state_
                                                                         params), step),
                        out_shardings=state_shardings)
         _, params, from_step = checkpoints.load_params(config.initial_checkpoint_path,
-                                                        abstract_params=abstract_state.params)
+                                                        abstract_params=abstract_state.params,
+                                                        allow_missing_checksums=config.allow_missing_checksums)
         print(f"starting from the parameters of {config.initial_checkpoint_path} at its step {from_step}",
               flush=True)
         return init(params, np.asarray(from_step, np.int32)), None
