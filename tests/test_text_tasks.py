@@ -133,3 +133,24 @@ def test_local_text_task_bad_input_is_named(tmp_path, tiny_vocabulary):
                                       vocabulary=tiny_vocabulary)
     with pytest.raises(Exception, match="has no field 'text'.*content"):
         list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())
+
+
+def test_invalid_utf8_is_said_once_and_counted_once_per_file_whatever_the_re_reads(tmp_path, tiny_vocabulary, caplog):
+    # every epoch, split and vocabulary pass reads the files again: a 4-step run printed up to 1,155
+    # identical lines; now the first file is said once, the rest are in the summary line, each counted once
+    from ul2lab.data import skips
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(b"some words \xff\xfe and more words " * 20)
+    (tmp_path / "c.txt").write_text("clean text " * 20)
+    task = text_tasks.local_text_task("test_invalid_utf8", str(tmp_path / "*.txt"), vocabulary=tiny_vocabulary,
+                                      denoisers="T5")
+    skips.reset()
+    before = text_sources.SKIPPED_INPUT["invalid_utf8_files"]
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            texts = [r["text"] for r in task.source.get_dataset("train", shuffle=False).as_numpy_iterator()]
+            assert len(texts) == 3 and "\ufffd".encode() in texts[0]
+    said = [r.getMessage() for r in caplog.records if "UTF-8" in r.getMessage()]
+    assert len(said) == 1 and "a.txt" in said[0], said
+    assert text_sources.SKIPPED_INPUT["invalid_utf8_files"] == before + 2
+    assert "2 text files with bytes that are not UTF-8" in skips.summary()
