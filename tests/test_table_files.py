@@ -132,3 +132,32 @@ def test_nested_json_and_parquet_cells_read_as_json(tmp_path):
     got = dict(read_all(table_files.TableFilesSource(str(root), validation_every=10**9), "train"))
     assert got["j"]["rows"] == [["true", '{"x": 1}', '["a", "b"]'], ["false", "", ""]]
     assert got["one.parquet"]["rows"] == [["true", '{"x": 1, "y": "é"}', '["a"]'], ["false", '{"x": 2, "y": "b"}', "[]"]]
+
+
+@pytest.mark.parametrize("file_name, held_in", [("t0.csv", "train"), ("t34.csv", "validation")])
+def test_a_single_table_corpus_trains_or_is_refused_with_the_true_reason(tmp_path, table_vocabulary, file_name,
+                                                                          held_in):
+    # `ul2lab train`'s check of the data (pipeline.check_yields_examples) refused a one-table corpus as
+    # "documents shorter than the denoisers need" at any length (training repeats the source, so the
+    # table is concatenated across epochs), and one whose table went to validation as "yields no
+    # records, check the files"
+    import zlib
+
+    from ul2lab.data import pipeline
+    from ul2lab_tasks import tables as table_tasks
+    assert table_files._in_split(file_name, held_in, 20)  # noqa: SLF001  the file's split by its hash
+    write(tmp_path / "tables" / file_name, "city,rank\nZurich,1\nBern,2\nBasel,3\n")
+    name = f"one_table_{zlib.crc32(file_name.encode())}"
+    mixture = table_tasks.register_table_corpus_task(name, str(tmp_path / "tables"), vocabulary=table_vocabulary)
+    lengths = {"inputs": 512, "targets": 512}
+    try:
+        if held_in == "train":
+            pipeline.check_yields_examples(mixture, lengths)  # no error: training can use the table
+        else:
+            with pytest.raises(ValueError, match=r"every record of its source went to another split \(1 in split "
+                                                 r"'validation'.*none to 'train'; add data"):
+                pipeline.check_yields_examples(mixture, lengths)
+    finally:
+        seqio.MixtureRegistry.remove(mixture)
+        for suffix in ("_mask", "_mod"):
+            seqio.TaskRegistry.remove(name + suffix)
