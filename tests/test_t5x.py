@@ -564,6 +564,27 @@ def test_convert_library_functions_return_their_directories(imported_fixture, tm
     assert step_dir == str(tmp_path / "b" / "checkpoint_0") and os.path.isfile(os.path.join(step_dir, "checkpoint"))
 
 
+def test_import_records_how_a_flagged_vocabulary_pairs_with_sentinels(imported_fixture, tmp_path, tiny_vocabulary):
+    """--vocab_path T5's .100extra file (it carries the sentinels) is 0 extra ids, a plain file 100: without the
+    record every reader added 100 more to the .100extra file (32,200 ids against 32,128 rows)."""
+    import json
+
+    from ul2lab.data import vocab as vocab_lib
+    model_dir, _ = imported_fixture
+    plain = tiny_vocabulary.sentencepiece_model_file
+    with open(plain, "rb") as f:
+        carried = tmp_path / "cc_all.100extra.model"
+        carried.write_bytes(vocab_lib.add_sentinel_pieces(f.read(), 100))
+    cases = {plain: 100, str(carried): 0,
+             "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model": 0,
+             "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model": 100}
+    for i, (vocab_path, extra_ids) in enumerate(cases.items()):
+        out = str(tmp_path / f"out{i}")
+        assert main(["import-t5x", "--checkpoint_dir", model_dir, "--output_dir", out, "--vocab_path", vocab_path]) == 0
+        with open(os.path.join(out, checkpoints.CONFIG_FILE)) as f:
+            assert json.load(f)["extra_ids"] == extra_ids, vocab_path
+
+
 MTF_OPERATIVE_CONFIG = """\
 import mesh_tensorflow.optimize
 import mesh_tensorflow.transformer.dataset

@@ -11,6 +11,7 @@ vocabulary (spiece.model), so training (INITIAL_CHECKPOINT_PATH), evaluation and
 and the directory can be copied anywhere.
 """
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional, Tuple
@@ -25,6 +26,8 @@ from ul2lab.files import atomic_write
 from ul2lab.interop import hf, model_gin, mtf, t5x, t5x_files
 from ul2lab.models.config import PRESETS
 from ul2lab.train import checkpoints, integrity
+
+T5_EXTRA_IDS = 100  # seqio's sentinels on top of a .model file that has none, as T5 pairs its vocabulary
 
 
 def import_hf(hf_dir: str, output_dir: str, vocab_path: Optional[str] = None, overwrite: bool = False) -> str:
@@ -87,7 +90,7 @@ def import_t5x(checkpoint_dir: str, output_dir: str, model: Optional[str] = None
                                        f"{', '.join(sorted(checkpoint.arrays)[:3])}); is it a t5x checkpoint?")
     run_gin = os.path.join(os.path.dirname(checkpoint.path), t5x_files.RUN_GIN)
     declared, declared_by = _declared_model(model, gin_file, run_gin)
-    extra_ids = None
+    extra_ids = _flag_extra_ids(vocab_path)
     if vocab_path is None:  # the vocabulary t5x's gin names (export-t5x writes it there too)
         vocab_path, extra_ids = _gin_vocabulary([g for g in (gin_file, run_gin) if g and os.path.isfile(g)])
     config = t5x.infer_config(target, checkpoint.path, declared, declared_by)
@@ -124,8 +127,14 @@ def import_mtf(checkpoint_dir: str, output_dir: str, model: Optional[str] = None
     config = t5x.infer_config(arrays, prefix, declared, declared_by,
                               default_activations={1: ("relu",), 2: ("gelu", "linear")})
     params, _ = t5x.import_params(arrays, config, prefix)
-    _write_beside(out, overwrite, lambda tmp: checkpoints.save_params(
-        tmp, traverse_util.unflatten_dict(params, sep="/"), config, step=step, vocab_path=vocab_path))
+    extra_ids = _flag_extra_ids(vocab_path)
+
+    def write(tmp):
+        checkpoints.save_params(tmp, traverse_util.unflatten_dict(params, sep="/"), config, step=step,
+                                vocab_path=vocab_path)
+        if extra_ids is not None:
+            checkpoints.write_config(tmp, config, vocab_path, extra_ids=extra_ids)
+    _write_beside(out, overwrite, write)
     print(f"imported {prefix} (step {step}) -> {out}: {_summary(config)}; activations "
           f"{'/'.join(config.mlp_activations)} from {declared_by or 'the MLP kernels (T5 release defaults)'}")
     return out
@@ -262,6 +271,20 @@ def _export_into(out: str, write, is_export_entry):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _flag_extra_ids(vocab_path: Optional[str]) -> Optional[int]:
+    """extra_ids for a --vocab_path, paired as T5 pairs its vocabulary: 0 when the .model file carries its
+    sentinel pieces (T5's cc_all.32000.100extra), else 100. Recorded in config.json: without it every reader
+    would add 100 sentinels to a file that has them (32,200 ids where the model has 32,128 rows). A remote
+    file is not opened here (no network at import time): T5's `.<N>extra` folder name says it."""
+    if vocab_path is None:
+        return None
+    if "://" in vocab_path:
+        return 0 if re.search(r"\.\d+extra/[^/]*$", vocab_path) else T5_EXTRA_IDS
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    sp = spm.SentencePieceProcessor(model_file=vocab_path)
+    return 0 if sp.id_to_piece(sp.get_piece_size() - 1) == "<extra_id_0>" else T5_EXTRA_IDS
 
 
 def _vocab(vocab_path: Optional[str]) -> Optional[str]:
