@@ -27,7 +27,8 @@ from typing import Callable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-from ul2lab.train import checkpoints, data_position, flops, interrupts, partitioning, run_logging, schedules
+from ul2lab.train import checkpoints, data_position, distributed, flops, interrupts, partitioning, run_logging
+from ul2lab.train import schedules
 from ul2lab.train import state as state_lib
 from ul2lab.train.config import PREEMPTED_EXIT_CODE, ConfigError, TrainConfig, TrainingStopped, check, end_step
 from ul2lab.train.evaluation import EvalSources, PeriodicEval
@@ -91,8 +92,19 @@ def train(config: TrainConfig, batches: Callable[[int], Iterator[dict]], *, voca
             feed = interrupts.DataFeed(data, depth=0)
             return _run_steps(config, mesh, rules, step_fn, state, state_shardings, restored_run, ckpt, data, feed,
                               data_batches, stop, evaluation)
+        except Exception as e:  # noqa: BLE001  only a lost host is handled here
+            lost = distributed.lost_host_error(e)
+            if lost is None:
+                raise
+            ckpt = None  # its pending saves would wait for the dead host
+            distributed.abandon_peers()
+            raise TrainingStopped(
+                f"host {jax.process_index()} of {jax.process_count()}: another host stopped responding ({lost}); "
+                "the run needs every host. Restart all hosts with the same command to resume from the last "
+                f"complete checkpoint in {config.model_dir}") from e
         finally:
-            ckpt.close()
+            if ckpt is not None:
+                ckpt.close()
     finally:
         if feed is not None:
             feed.close()
@@ -137,6 +149,11 @@ def _run_steps(config: TrainConfig, mesh, rules, step_fn, state, state_shardings
     evaluator = (PeriodicEval(evaluation, config, mesh, rules, state_shardings.params)
                  if evaluation is not None and config.eval_period else None)
 
+    agreement = distributed.StopAgreement(stop, mesh)  # every host stops at the same step
+    # a host alone may stop while it waits for data; on several hosts each one waits for its batch
+    # (the others are waiting for it in the step's collectives) and the stop is agreed after the step
+    interruptible = stop if agreement.hosts == 1 else None
+
     def position():  # this host's data position, unless the feed is drawing a batch right now
         return None if feed.busy else host_position(data)
 
@@ -159,7 +176,7 @@ def _run_steps(config: TrainConfig, mesh, rules, step_fn, state, state_shardings
     with partitioning.axis_rules(mesh, rules):  # whatever stops the loop, pending saves finish
         for step in range(start_step, config.train_steps):
             try:
-                host_batch = feed.get(stop)
+                host_batch = feed.get(interruptible)
             except StopIteration:
                 stopped = (f"the data of {config.mixture_or_task_name!r} ran out after {data_batches} batches, at "
                            f"step {done} of {config.train_steps}")
@@ -177,10 +194,11 @@ def _run_steps(config: TrainConfig, mesh, rules, step_fn, state, state_shardings
             period_sums = metrics if period_sums is None else jax.tree_util.tree_map(jnp.add, period_sums, metrics)
             period_steps += 1
             done = step + 1
+            agreement.at_boundary()
             if last_time is None:  # the first step compiles: time from its end on
                 jax.block_until_ready(state.step)
                 last_time, last_step = time.time(), done
-            if done % config.log_period == 0 or done == config.train_steps or stop.requested:
+            if done % config.log_period == 0 or done == config.train_steps or agreement.requested:
                 learning_rate = float(metrics["learning_rate"])  # this step's, not the period's mean
                 # means over the period, but skipped_updates is a count
                 metrics = {k: float(v) / (1 if k == "skipped_updates" else period_steps)
@@ -209,11 +227,11 @@ def _run_steps(config: TrainConfig, mesh, rules, step_fn, state, state_shardings
                 elif done == config.train_steps and streak and streak >= done - start_step:
                     # fewer steps than the limit, but not one of them trained: that is no success
                     stopped = nonfinite_message(config, done, streak, whole_session=True)
-            if done % config.checkpoint_period == 0 or done == config.train_steps or stop.requested or stopped:
+            if done % config.checkpoint_period == 0 or done == config.train_steps or agreement.requested or stopped:
                 save(ckpt, done, state, state_lib.run_record(state, config, data_batches, initial_step),
                      saved_step, position())
                 saved_step = done
-            if stopped or stop.requested:
+            if stopped or agreement.requested:
                 break
             if evaluator is not None and evaluator.due(done, config.train_steps):
                 logger.announce_eval(done, evaluator.describe())
@@ -222,12 +240,14 @@ def _run_steps(config: TrainConfig, mesh, rules, step_fn, state, state_shardings
                 eval_seconds = time.time() - eval_started
                 logger.log_eval(done, results, eval_seconds)
                 last_time += eval_seconds  # evaluation time is not training time (tokens/s, MFU)
-        if stop.requested and not stopped:
+        if agreement.hosts == 1:
+            agreement.at_boundary()  # a request that came while waiting for data
+        if agreement.requested and not stopped:
             if done > start_step and done != saved_step:  # asked to stop while waiting for data
                 save(ckpt, done, state, state_lib.run_record(state, config, data_batches, initial_step),
                      saved_step, position())
                 saved_step = done
-            print(f"{stop.name}: " + (f"saved step {done} to {config.model_dir}" if saved_step == done else
+            print(f"{agreement.name}: " + (f"saved step {done} to {config.model_dir}" if saved_step == done else
                                       "stopped before the first step (nothing new to save)")
                   + "; rerun the same command to resume", flush=True)
     wait(ckpt, saved_step)
@@ -237,7 +257,8 @@ def _run_steps(config: TrainConfig, mesh, rules, step_fn, state, state_shardings
         print(stopped, flush=True)
         raise TrainingStopped(stopped)
     return {"step": final_step, "history": logger.history, "summary": summary, "num_devices": mesh.size,
-            "preempted": stop.requested and final_step < config.train_steps, "stop_signal": stop.signal}
+            "preempted": agreement.requested and final_step < config.train_steps,
+            "stop_signal": agreement.signal}
 
 
 def nonfinite_message(config: TrainConfig, step: int, streak: int, whole_session: bool = False) -> str:
