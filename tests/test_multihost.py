@@ -6,6 +6,8 @@ This file is also the worker: `python tests/test_multihost.py --process_id ...` 
 """
 import argparse
 import json
+import os
+import sys
 
 import pytest
 
@@ -26,8 +28,10 @@ def run_config(model_dir, train_steps, num_devices=None):
         tensorboard=False, mesh_shape=MESH, num_devices=num_devices)
 
 
-def host_batches(skip):
+def host_batches(skip, seconds_per_batch=0.0):
     """This host's rows of the global batch i (a fixed function of i), from batch `skip` on."""
+    import time
+
     import jax
     from test_train_step import packed_batch
 
@@ -35,6 +39,7 @@ def host_batches(skip):
     lo = jax.process_index() * rows
     index = skip
     while True:
+        time.sleep(seconds_per_batch)
         yield {k: v[lo:lo + rows] for k, v in packed_batch(100 + index % 2).items()}
         index += 1
 
@@ -54,6 +59,7 @@ def worker_main(argv=None):
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--train_steps", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--seconds_per_batch", type=float, default=0.0)  # slow data: a signal lands mid-run
     train_cli.add_host_arguments(parser)  # the flags `ul2lab train` takes
     args = parser.parse_args(argv)
     hosts = train_cli.hosts_from_args(args)
@@ -63,17 +69,32 @@ def worker_main(argv=None):
     import jax
     from ul2lab.train import loop as trainer
 
-    result = trainer.train(run_config(args.model_dir, args.train_steps), host_batches)
+    from ul2lab.errors import UserError
+
+    try:
+        result = trainer.train(run_config(args.model_dir, args.train_steps),
+                               lambda skip: host_batches(skip, args.seconds_per_batch))
+    except UserError as e:  # as `ul2lab train` reports it: one line, exit 2
+        print(f"host {jax.process_index()}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
         json.dump({"how": how, "again": again, "process_count": jax.process_count(),
-                   "num_devices": result["num_devices"],
+                   "num_devices": result["num_devices"], "step": result["step"],
                    "local_devices": jax.local_device_count(), "losses": losses(result)}, f)
+    # `ul2lab train`'s exit code: 128 + the signal when a stop request saved and ended the run
+    sys.exit(128 + result["stop_signal"] if result["preempted"] else 0)
 
 
 def run_two_hosts(model_dir, train_steps, out, cache_dir, timeout=240):
     from two_hosts import launch
 
     return launch(__file__, out, ["--model_dir", model_dir, "--train_steps", train_steps], cache_dir, timeout)
+
+
+def logged_losses(model_dir):
+    """step -> loss over every session of the run in metrics.jsonl, the latest record of a step winning."""
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 def as_steps(d):

@@ -252,6 +252,38 @@ def test_disk_full_during_save_is_a_clear_error_and_the_run_resumes(uninterrupte
     assert logged_losses(str(tmp_path)) == full
 
 
+@pytest.mark.slow
+def test_a_save_over_the_file_size_limit_is_one_line_naming_its_step_and_leaves_no_partial_folder(cache_dir, tmp_path):
+    """`ul2lab train` as typed, under `ulimit -f`: step 2's checkpoint is written by a first run, the
+    resumed run's asynchronous save of step 4 fails. Before, orbax printed a traceback per writer
+    thread, the error named step 6 (the save that found the failure), training went on past step 4
+    and 4.orbax-checkpoint-tmp stayed behind."""
+    import resource
+    from test_train_cli import train_args
+
+    model_dir = str(tmp_path / "run")
+    command = [sys.executable, "-c", "import sys, test_train_cli; from ul2lab.cli.main import main; sys.exit(main())"]
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_COMPILATION_CACHE_DIR": cache_dir,
+           "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.run(command + train_args(model_dir, "--gin.TrainConfig.checkpoint_period=2", steps=2),
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def file_size_limit():  # above the data position's file, below the optimizer state's
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000))
+
+    done = subprocess.run(command + train_args(model_dir, "--gin.TrainConfig.checkpoint_period=2", steps=8),
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=file_size_limit)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line or "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"ul2lab train: error: could not write checkpoint 4 to {model_dir} (File too large); checkpoint 2 there "
+        "is intact"), done.stderr[-3000:]
+    assert max(logged_losses(model_dir)) <= 6  # found at a step boundary, at the latest by the next save
+    assert finished_steps(model_dir) == [2] and not glob.glob(os.path.join(model_dir, "*.orbax-checkpoint-tmp*"))
+
+
 if __name__ == "__main__":  # the child process of the kill tests
     from ul2lab.runs import train as train_cli
     model_dir, seconds = sys.argv[1], float(sys.argv[2])

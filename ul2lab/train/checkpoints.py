@@ -494,8 +494,19 @@ def check_same_model(directory: str, config: T5Config):
                               "choose a new MODEL_DIR, or use the model config that wrote it")
 
 
+class SaveFailed(Exception):
+    """Writing checkpoint `step` failed (`__cause__`: why); its temporary folder was removed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"checkpoint {step} could not be written")
+        self.step = step
+
+
 class RunCheckpoints:
-    """An orbax CheckpointManager for a training run: async saves, keep-last-N plus every K-th step."""
+    """An orbax CheckpointManager for a training run: async saves, keep-last-N plus every K-th step.
+
+    A save that fails raises SaveFailed naming its own step (an asynchronous one when the next save,
+    `wait` or `check_saves` finds it), once, with orbax's logged tracebacks of it suppressed."""
 
     def __init__(self, directory: str, max_to_keep: Optional[int] = 3, keep_period: Optional[int] = None,
                  async_save: bool = True, allow_missing_checksums: bool = False):
@@ -504,6 +515,8 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True))  # a killed save leaves *.orbax-checkpoint-tmp-*
+        self._saving: Optional[int] = None  # the asynchronous save started last, not yet known finished
+        _silence_failed_writes()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -518,7 +531,13 @@ class RunCheckpoints:
                      run=ocp.args.JsonSave(run), **{CHECKSUMS_ITEM: ocp.args.JsonSave(checksums)})
         if data_position is not None:
             items[data_position_lib.ITEM] = data_position
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.wait()  # orbax would wait too, and blame its failure on this step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001  orbax wraps OS errors of its writer threads
+            self._remove_temporary(step)
+            raise SaveFailed(step) from e
+        self._saving = step
 
     def restore_data_position(self, step: int) -> Optional[bytes]:
         """This host's saved data position at `step`, or None (none saved, or by another host count)."""
@@ -590,10 +609,48 @@ class RunCheckpoints:
             "yourself)", flush=True)
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Until the saves started are on disk; SaveFailed if one failed."""
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._remove_temporary(step)
+            raise SaveFailed(step) from e
+
+    def check_saves(self):
+        """Without waiting: SaveFailed if the last asynchronous save has failed (nothing while it runs).
+        One host only: on several, hosts could learn it at different steps, so there it is found
+        at the next save or `wait`, which every host reaches together."""
+        if self._saving is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def _remove_temporary(self, step: Optional[int]):
+        """A failed save's partial folder goes, so that nothing half-written is left to trip a retry."""
+        if step is None or jax.process_index() != 0:
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def close(self):
         self.manager.close()
+
+
+class _FailedWrites(logging.Filter):
+    """Drops orbax's (and asyncio's) error records of a failed save, one per writer thread, each with a
+    traceback: the trainer reports the failure in one line (SaveFailed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() + (str(error) if error is not None else "")
+        return not (record.levelno >= logging.ERROR and ".orbax-checkpoint-tmp" in text)
+
+
+def _silence_failed_writes():
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _FailedWrites) for f in logger.filters):
+            logger.addFilter(_FailedWrites())
 
 
 def _checksums_restore(directory: str, step: int) -> dict:

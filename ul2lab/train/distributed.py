@@ -143,3 +143,105 @@ def _require_no_backend():
         raise RuntimeError("ul2lab.train.distributed.initialize() was called after JAX had already started its "
                            "devices (something called jax.devices(), built a mesh or ran a computation "
                            "first); call it at the very start of the program")
+
+
+class StopAgreement:
+    """One stop decision for all hosts: at every step boundary each host contributes its own stop
+    request (the signal number it received, 0 for none) and all of them stop at the same step with
+    the same signal, the largest one asked for (SIGTERM over Ctrl-C).
+
+    A host that acts on its own signal alone would enter the checkpoint's barrier while the others
+    enter the next step's collectives: a hang. So on several hosts the requests are combined by a
+    tiny all-reduce (a jitted max over one int per device) that every host launches after each step.
+    It is read one boundary later: its inputs are those of the previous boundary, the same on every
+    host, and reading it waits only for the step before the current one, so the host may still run
+    one step ahead of the devices. A stop therefore takes effect one step after it was asked for.
+    On one host nothing is exchanged: the decision is the local request, at once.
+    """
+
+    def __init__(self, stop, mesh):
+        import jax
+
+        self._stop = stop
+        self.hosts = jax.process_count()
+        self._pending = None
+        self.signal: Optional[int] = None  # the agreed stop: the signal that stops every host
+        if self.hosts > 1:
+            import numpy as np
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            devices = np.asarray(mesh.devices).reshape(-1)
+            self._sharding = NamedSharding(Mesh(devices, ("hosts",)), PartitionSpec("hosts"))
+            self._local = sum(d.process_index == jax.process_index() for d in devices)
+            self._size = devices.size
+            self._max = jax.jit(lambda flags: flags.max(),
+                                out_shardings=NamedSharding(self._sharding.mesh, PartitionSpec()))
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        return self._stop.name if self._stop.signal == self.signal else _signal_name(self.signal) + " (another host)"
+
+    def at_boundary(self) -> bool:
+        """Called by every host after every step, in the same order as the steps: True once all hosts
+        agree to stop here."""
+        if self.hosts == 1:
+            self.signal = self._stop.signal
+            return self.requested
+        import jax
+        import numpy as np
+
+        mine = np.full((self._local,), self._stop.signal or 0, np.int32)
+        launched = jax.make_array_from_process_local_data(self._sharding, mine, (self._size,))
+        previous, self._pending = self._pending, self._max(launched)
+        if previous is not None:
+            agreed = int(np.asarray(previous.addressable_data(0)))
+            self.signal = agreed or None
+        return self.requested
+
+
+def _signal_name(signum: Optional[int]) -> str:
+    from ul2lab.train.interrupts import SIGNAL_NAMES
+
+    return SIGNAL_NAMES.get(signum, f"signal {signum}")
+
+
+# what a collective reports when a peer process is gone (gloo on CPU, NCCL on GPU, the coordination service)
+_PEER_LOST = ("connection closed by peer", "connection reset", "broken pipe", "heartbeat timeout",
+              "nccl", "gloo", "unavailable", "task is set to error")
+
+
+def lost_host_error(error: Exception) -> Optional[str]:
+    """The first line of a failed multi-host computation's error (`error` or its cause) when it says
+    another host is gone (a collective whose peer closed its connection), else None."""
+    import jax
+
+    while error is not None and not isinstance(error, jax.errors.JaxRuntimeError):
+        error = error.__cause__  # e.g. a save that failed on it
+    if jax.process_count() == 1 or error is None:
+        return None
+    text = str(error)
+    if not any(marker in text.lower() for marker in _PEER_LOST):
+        return None
+    return text.strip().splitlines()[0][:300]
+
+
+def abandon_peers():
+    """After another host died: this process ends, at its exit, at once with status 2 (as a one-line
+    error of `ul2lab`), skipping JAX's shutdown, which would wait for the dead host at a barrier until
+    the heartbeat timeout and then abort with a C++ stack dump."""
+    import atexit
+    import sys
+
+    def end_now():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(LOST_HOST_EXIT_CODE)
+
+    atexit.register(end_now)  # registered last, so it runs before JAX's own exit handlers
+
+
+LOST_HOST_EXIT_CODE = 2
