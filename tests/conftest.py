@@ -77,3 +77,12 @@ def table_vocabulary(tmp_path_factory):
     path = vocab.train_sentencepiece(docs, 400, str(tmp_path_factory.mktemp("table_vocab") / "sp"),
                                      num_threads=1)
     return seqio.SentencePieceVocabulary(path, extra_ids=100)
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory):
+    """Runs compile the same tiny programs again and again: a persistent cache makes the repeats a lookup
+    (modules that train many times use it: `pytestmark = pytest.mark.usefixtures("compilation_cache")`)."""
+    import jax
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 
-import jax
 import pytest
 
 from ul2lab.errors import UserError
@@ -17,11 +16,7 @@ from ul2lab.experiments import continual_tables, harness, objectives, report, ru
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every phase compiles the same tiny programs: a persistent cache makes the repeats a lookup."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 def run_smoke(name, tmp_path, s=None, **kwargs):

@@ -16,11 +16,7 @@ from ul2lab.models.config import preset
 LENGTHS = {"inputs": 32, "targets": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Each train() compiles the same tiny programs again: a persistent cache makes that a lookup."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # tests/conftest.py
 
 
 def make_config(model_dir, **overrides):
