@@ -345,7 +345,11 @@ def read_checksums(directory: str, step: int) -> Optional[dict]:
     """The checksums saved with a step (None when it has none), read without touching its arrays."""
     path = os.path.join(directory, str(step), CHECKSUMS_ITEM, JSON_ITEM_FILE)
     if not os.path.isfile(path):
-        return None
+        if os.path.isdir(os.path.dirname(path)):  # the folder without its file: a step copied or written in part
+            raise CorruptCheckpointError(f"checkpoint {os.path.join(directory, str(step))} is incomplete: its "
+                                         f"{CHECKSUMS_ITEM} folder has no {JSON_ITEM_FILE} (a step copied or "
+                                         "written in part); use another step (or restore this one from a copy)")
+        return None  # a step written before ul2lab saved checksums
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
