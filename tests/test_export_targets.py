@@ -78,12 +78,25 @@ def _one_line(err):
 def test_export_into_the_checkpoint_directory_is_refused(run_dir, tmp_path, command, inside, overwrite):
     run_dir = shutil.copytree(run_dir, str(tmp_path / "run"))  # its own copy: on failure the export clobbers it
     before = _snapshot(run_dir)
-    out = os.path.join(run_dir, "exported") if inside else run_dir
+    step = max(int(name) for name in os.listdir(run_dir) if name.isdigit())
+    out = os.path.join(run_dir, str(step), "exported") if inside else run_dir  # inside: one of the run's steps
     code, err = _cli([command, "--checkpoint_dir", run_dir, "--output_dir", out] + ["--overwrite"] * overwrite)
     assert code == 2
     # the real reason and the fix, not "already holds a Hugging Face model; pass --overwrite"
-    assert "checkpoint directory" in _one_line(err) and "choose a folder outside it" in err, err
+    assert "inside" in _one_line(err) if inside else "checkpoint directory" in _one_line(err)
+    assert "choose a folder outside it" in err, err
     assert _snapshot(run_dir) == before  # the run's config.json, steps and vocabulary are untouched
+    checkpoints.load_params(run_dir)
+
+
+def test_a_new_subfolder_of_the_run_takes_the_export_and_the_run_is_untouched(run_dir, tmp_path):
+    """`ul2lab demo` exports to MODEL_DIR/hf: a folder of the export's own inside the run is not the run's."""
+    run_dir = shutil.copytree(run_dir, str(tmp_path / "run"))
+    before = _snapshot(run_dir)
+    code, err = _cli(["export-hf", "--checkpoint_dir", run_dir, "--output_dir", os.path.join(run_dir, "hf")])
+    assert code == 0, err
+    assert os.path.isfile(os.path.join(run_dir, "hf", "config.json"))
+    assert {k: v for k, v in _snapshot(run_dir).items() if not k.startswith("hf" + os.sep)} == before
     checkpoints.load_params(run_dir)
 
 

@@ -228,10 +228,15 @@ def _check_export_target(checkpoint_dir: str, out: str, overwrite: bool, is_expo
                         "(it is created if absent)")
     source = os.path.realpath(checkpoint_dir)
     target = os.path.realpath(out)
-    if target == source or target.startswith(source + os.sep):
-        raise UserError(f"--output_dir {out} is {'the' if target == source else 'inside the'} checkpoint directory "
-                        f"{checkpoint_dir}: the export would overwrite or mix with the run's own files (its "
-                        f"config.json, steps, vocabulary); choose a folder outside it, e.g. {source}-export")
+    # a folder of its own inside the run is fine (the demo exports to MODEL_DIR/hf); the run's folder itself,
+    # or a place inside what the run writes (a step, a file of the run), is not
+    inside = os.path.relpath(target, source).split(os.sep)[0] if target.startswith(source + os.sep) else None
+    if target == source or (inside is not None and _owned_by_the_run(source, inside)):
+        raise UserError(f"--output_dir {out} is {'the' if target == source else 'inside'} "
+                        f"{'the checkpoint directory' if target == source else os.path.join(checkpoint_dir, inside)}"
+                        f": the export would overwrite or mix with the run's own files (its config.json, steps, "
+                        f"vocabulary); choose a folder outside it, e.g. {source}-export, or a new subfolder such as "
+                        f"{os.path.join(checkpoint_dir, 'hf')}")
     if source.startswith(target + os.sep) and is_export_entry(os.path.relpath(source, target).split(os.sep)[0]):
         raise UserError(f"--output_dir {out} holds the checkpoint directory {checkpoint_dir} under a name the "
                         "export writes; choose another --output_dir")
@@ -244,6 +249,14 @@ def _check_export_target(checkpoint_dir: str, out: str, overwrite: bool, is_expo
             raise UserError(f"{out} already holds {what} ({', '.join(existing[:3])}"
                             f"{' ...' if len(existing) > 3 else ''}); pass --overwrite to replace it (other files "
                             "there are kept), or choose another --output_dir")
+
+
+def _owned_by_the_run(run_dir: str, name: str) -> bool:
+    """Whether `name` in a run's folder is the run's own: a step (and orbax's temporary or set-aside steps),
+    or any file the run wrote (config.json, metrics.jsonl, the vocabulary, TensorBoard events)."""
+    path = os.path.join(run_dir, name)
+    return (name.isdigit() or name.startswith("corrupt-") or ".orbax-checkpoint-tmp" in name
+            or (os.path.exists(path) and not os.path.isdir(path)))
 
 
 def _holds_ul2lab_config(directory: str) -> bool:
