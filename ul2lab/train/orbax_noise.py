@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from typing import Callable
 
 
@@ -96,6 +97,7 @@ class AbandonedReadsQuieted:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is not None:  # the abandoned reads end now (their coroutines collected) or shortly after
+                _release_frames(exc)
                 gc.collect()
                 self.last_drop = max(self.last_drop, time.monotonic())
                 deadline = time.monotonic() + self.MAX_WAIT_S
@@ -111,3 +113,15 @@ class AbandonedReadsQuieted:
             self._log(f"note: dropped {self.dropped} report{'s' if self.dropped != 1 else ''} of reads that the "
                       "failed checkpoint restore abandoned (the error says what failed)")
         return False
+
+
+def _release_frames(error: BaseException):
+    """Clears the locals of the finished frames in `error`'s tracebacks (and its causes'): they hold the
+    restore's abandoned read coroutines, which would otherwise be closed -- and report -- only when the
+    caller lets go of the exception, after the quieting ended. The tracebacks still print as before."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # frames still running (the callers) are left alone
+        error = error.__cause__ or error.__context__
+
