@@ -518,6 +518,7 @@ class RunCheckpoints:
             max_to_keep=max_to_keep, keep_period=keep_period, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True))  # a killed save leaves *.orbax-checkpoint-tmp-*
         self._saving: Optional[int] = None  # the asynchronous save started last, not yet known finished
+        self._quieted: Optional[AbandonedReadsQuieted] = None  # around the saves not yet known finished
         silence_failed_writes()
 
     def latest_step(self) -> Optional[int]:
@@ -534,9 +535,14 @@ class RunCheckpoints:
         if data_position is not None:
             items[data_position_lib.ITEM] = data_position
         self.wait()  # orbax would wait too, and blame its failure on this step
+        # from the start of a save until it is known finished: a write that fails makes orbax abandon the
+        # others, whose callbacks into its closed event loop each print a traceback
+        self._quieted = AbandonedReadsQuieted(what="writes that the failed checkpoint save")
+        self._quieted.__enter__()
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001  orbax wraps OS errors of its writer threads
+            self._end_quieting(e)
             self._remove_temporary(step)
             raise SaveFailed(step) from e
         self._saving = step
@@ -616,8 +622,15 @@ class RunCheckpoints:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
+            self._end_quieting(e)
             self._remove_temporary(step)
             raise SaveFailed(step) from e
+        self._end_quieting(None)
+
+    def _end_quieting(self, error: Optional[BaseException]):
+        quieted, self._quieted = self._quieted, None
+        if quieted is not None:
+            quieted.__exit__(type(error) if error is not None else None, error, None)
 
     def check_saves(self):
         """Without waiting: SaveFailed if the last asynchronous save has failed (nothing while it runs).
@@ -635,7 +648,10 @@ class RunCheckpoints:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def close(self):
-        self.manager.close()
+        try:
+            self.manager.close()
+        finally:
+            self._end_quieting(None)
 
 
 def _checksums_restore(directory: str, step: int) -> dict:

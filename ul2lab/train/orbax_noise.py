@@ -73,7 +73,8 @@ class AbandonedReadsQuieted:
     SETTLE_S = 0.2
     MAX_WAIT_S = 2.0
 
-    def __init__(self, log: Callable[[str], None] = None):
+    def __init__(self, log: Callable[[str], None] = None, what: str = "reads that the failed checkpoint restore"):
+        self.what = what
         self.dropped = 0
         self.last_drop = 0.0
         self.active = False
@@ -110,8 +111,8 @@ class AbandonedReadsQuieted:
                 sys.unraisablehook = self._previous
             logging.getLogger("asyncio").removeFilter(self._filter)
         if self.dropped:
-            self._log(f"note: dropped {self.dropped} report{'s' if self.dropped != 1 else ''} of reads that the "
-                      "failed checkpoint restore abandoned (the error says what failed)")
+            self._log(f"note: dropped {self.dropped} report{'s' if self.dropped != 1 else ''} of {self.what} "
+                      "abandoned (the error says what failed)")
         return False
 
 
