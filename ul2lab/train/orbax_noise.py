@@ -70,8 +70,8 @@ class AbandonedReadsQuieted:
     the restore runs, and briefly after it failed (until its abandoned reads stop reporting: SETTLE_S
     without one, at most MAX_WAIT_S), those reports are dropped and counted; then every report passes
     again, and one line says how many were dropped. Other unraisable exceptions always pass."""
-    SETTLE_S = 0.2
-    MAX_WAIT_S = 2.0
+    SETTLE_S = 1.0  # 0.2 s let a late report through in 1 of 5 runs beside a busy test suite
+    MAX_WAIT_S = 5.0
 
     def __init__(self, log: Callable[[str], None] = None, what: str = "reads that the failed checkpoint restore"):
         self.what = what
