@@ -69,3 +69,15 @@ def test_eval_of_a_trained_model_whose_predictions_differ_in_length(trained, dec
     # the case that crashed: predictions of several lengths in one batch
     assert metrics["distinct_prediction_lengths"] >= 3
     assert metrics["exact"] > 0.25  # it learned to copy: the lengths are the targets', not noise
+
+
+def test_heldout_loss_on_batches_drawn_before_equals_drawing_them(trained):
+    """The experiments draw the held-out batches once and score every checkpoint on them."""
+    import math
+
+    from ul2lab.runs import evaluate
+    drawn = evaluate.heldout_batches(TASK, LENGTHS, batch_size=4, num_batches=2)
+    assert len(drawn) == 2
+    fresh = evaluate.heldout_loss(str(trained / "run"), TASK, LENGTHS, batch_size=4, num_batches=2)
+    again = evaluate.heldout_loss(str(trained / "run"), TASK, LENGTHS, batch_size=4, num_batches=2, batches=drawn)
+    assert again == fresh and fresh["examples"] == 8 and math.isfinite(fresh["loss"])

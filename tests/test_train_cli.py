@@ -67,6 +67,23 @@ def straight_run(tmp_path_factory):
     return model_dir
 
 
+def test_the_data_check_probes_a_task_once_per_lengths_and_a_task_registered_anew_again(monkeypatch):
+    from ul2lab.data import pipeline
+    probed = []
+    real = pipeline._yields_an_example  # noqa: SLF001
+    monkeypatch.setattr(pipeline, "_yields_an_example", lambda task, *a: probed.append(task.name) or real(task, *a))
+    lengths = {"inputs": 24, "targets": 12}  # lengths no other test probes
+    pipeline.check_yields_examples(TASK, lengths)
+    pipeline.check_yields_examples(TASK, lengths)
+    assert probed == [TASK]
+    pipeline.check_yields_examples(TASK, {"inputs": 24, "targets": 10})
+    assert probed == [TASK, TASK]
+    seqio.TaskRegistry.remove(TASK)
+    _register()  # another task object under the name: its data may differ
+    pipeline.check_yields_examples(TASK, lengths)
+    assert probed == [TASK, TASK, TASK]
+
+
 def test_train_writes_config_checkpoints_and_a_falling_loss(straight_run):
     records = logged(straight_run)
     assert [r["step"] for r in records] == list(range(1, 9))

@@ -104,6 +104,12 @@ def check_task(name: str, model_vocab_size: int) -> Tuple[Optional[str], int]:
     return getattr(vocabulary, "sentencepiece_model_file", None), int(getattr(vocabulary, "extra_ids", 0) or 0)
 
 
+# the probes that found an example, by task object: a process that trains one task again (an experiment's
+# phases and arms, `ul2lab anneal` after its own check) does not rebuild its pipeline to probe it again; a
+# task registered anew (another object under the name) is probed again
+_PROBED: Dict[tuple, seqio.Task] = {}
+
+
 def check_yields_examples(name: str, task_feature_lengths: Mapping[str, int], split: str = "train",
                           max_records: int = PROBE_RECORDS, seed: int = 0):
     """Every task of `name` (with a rate above 0) must turn its first `max_records` source records
@@ -117,17 +123,22 @@ def check_yields_examples(name: str, task_feature_lengths: Mapping[str, int], sp
             continue
         if split not in task.splits:
             raise ValueError(f"task {task.name!r} has no {split!r} split (it has {list(task.splits)})")
+        probe = (task.name, tuple(sorted(lengths.items())), split, max_records, seed)
+        if _PROBED.get(probe) is task:
+            continue
         before = _drop_counts()
         held_elsewhere = {}
         try:
             source = task.source.get_dataset(split=split, shuffle=False, seed=seed).take(max_records)
             if _yields_an_example(task, source, lengths, seed):
+                _PROBED[probe] = task
                 continue
             records = _count(source)
             # training repeats the source before the objective (seqio num_epochs=None), so a corpus
             # shorter than one segment (a single table) is concatenated across epochs: probe it so
             if 0 < records < max_records and _yields_an_example(
                     task, source.repeat(min(PROBE_EPOCHS, -(-max_records // records))), lengths, seed):
+                _PROBED[probe] = task
                 continue
             if records == 0:  # a tiny corpus whose items all went to another split by the source's hash
                 held_elsewhere = {other: _count(task.source.get_dataset(split=other, shuffle=False).take(max_records))

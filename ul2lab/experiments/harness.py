@@ -6,6 +6,7 @@ A phase is `ul2lab train` with the project's gin files plus the experiment's bin
 an evaluation is `ul2lab eval` (runs.evaluate.run_eval) or a held-out loss (runs.evaluate.heldout_loss).
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -165,8 +166,17 @@ def curve(history: Sequence[Mapping]) -> list:
 
 def heldout(model_dir: str, task: str, s: Scale, lengths: Optional[Mapping[str, int]] = None) -> float:
     """Held-out loss (mean cross entropy per target token) of model_dir on task's validation split."""
-    return evaluate.heldout_loss(model_dir, task, dict(lengths or s.lengths()), batch_size=s.heldout_batch_size,
-                                 num_batches=s.heldout_batches)["loss"]
+    lengths = tuple(sorted((lengths or s.lengths()).items()))
+    batches = _heldout_batches(task, lengths, s.heldout_batch_size, s.heldout_batches)
+    return evaluate.heldout_loss(model_dir, task, dict(lengths), batch_size=s.heldout_batch_size,
+                                 num_batches=s.heldout_batches, batches=batches)["loss"]
+
+
+@functools.lru_cache(maxsize=None)
+def _heldout_batches(task: str, lengths: tuple, batch_size: int, num_batches: int) -> list:
+    """Drawn once per experiment process: every arm, phase and seed is scored on these same batches (the
+    pipeline's construction cost several seconds a checkpoint)."""
+    return evaluate.heldout_batches(task, dict(lengths), batch_size=batch_size, num_batches=num_batches)
 
 
 def eval_task(model_dir: str, task: str, s: Scale, output_file: str) -> dict:

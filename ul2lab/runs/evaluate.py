@@ -3,6 +3,7 @@ task's own metric functions (WikiTQ denotation accuracy, TabFact accuracy, BLEU,
 """
 import json
 import os
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -103,13 +104,10 @@ def evaluate(config, params, settings: EvalConfig, evaluator=None, step=None) ->
 _jitted_score = jax.jit(decoding.score, static_argnums=1)  # one compilation per config and batch shape
 
 
-def heldout_loss(checkpoint_path: str, mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,
-                 num_batches: int = 4, split: str = "validation", seed: int = 0, step=None) -> dict:
-    """A checkpoint's held-out loss on a task's `split`: the mean cross entropy per real target token
-    (EOS included, no z-loss; the trainer's NUM_REAL_TARGET_TOKENS loss without its z-loss term) over
-    the first `num_batches` unpacked batches of the split, drawn with `seed`, so every checkpoint
-    given the same arguments is scored on the same examples. Returns {"loss", "tokens", "examples"}."""
-    config, params, _ = load_checkpoint(checkpoint_path, step)
+def heldout_batches(mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16, num_batches: int = 4,
+                    split: str = "validation", seed: int = 0) -> list:
+    """The first `num_batches` unpacked host batches of a task's `split` drawn with `seed`: what
+    heldout_loss scores (drawn once, they score any number of checkpoints on the same examples)."""
     task_modules.import_task_modules()
     try:
         pipeline.get_mixture_or_task(mixture_or_task_name)
@@ -117,11 +115,23 @@ def heldout_loss(checkpoint_path: str, mixture_or_task_name: str, task_feature_l
                                          seed=seed, pack=False, split=split)
     except ValueError as e:
         raise UserError(f"held-out loss on {mixture_or_task_name!r} ({split}): {e}") from None
+    return [batch for _, batch in zip(range(num_batches), batches)]
+
+
+def heldout_loss(checkpoint_path: str, mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,
+                 num_batches: int = 4, split: str = "validation", seed: int = 0, step=None,
+                 batches: Optional[Sequence[dict]] = None) -> dict:
+    """A checkpoint's held-out loss on a task's `split`: the mean cross entropy per real target token
+    (EOS included, no z-loss; the trainer's NUM_REAL_TARGET_TOKENS loss without its z-loss term) over
+    the first `num_batches` unpacked batches of the split, drawn with `seed`, so every checkpoint
+    given the same arguments is scored on the same examples (`batches`: those of heldout_batches with
+    these arguments, drawn before). Returns {"loss", "tokens", "examples"}."""
+    config, params, _ = load_checkpoint(checkpoint_path, step)
+    if batches is None:
+        batches = heldout_batches(mixture_or_task_name, task_feature_lengths, batch_size=batch_size,
+                                  num_batches=num_batches, split=split, seed=seed)
     total, tokens, examples = 0.0, 0, 0
-    for _ in range(num_batches):
-        batch = next(batches, None)
-        if batch is None:
-            break
+    for batch in batches:
         targets = batch["decoder_target_tokens"]
         total -= float(np.sum(np.asarray(_jitted_score(params, config, batch["encoder_input_tokens"], targets))))
         tokens += int(np.sum(targets > 0))
