@@ -148,6 +148,11 @@ def fabricate(base_dir: str, base_step: int, model_dir: str, steps: int, positio
     target.save(steps, restored["params"], restored["opt_state"], run,
                 data_position=data_position.HostBytesSave(position))
     target.manager.wait_until_finished()
+    # restored without a target, the optimizer state is plain dicts and lists, so the checksums this save
+    # wrote name its arrays otherwise than a run's restore does; the arrays are base_step's, unchanged:
+    # its checksums are theirs
+    checksums = os.path.join(checkpoints.CHECKSUMS_ITEM, checkpoints.JSON_ITEM_FILE)
+    shutil.copyfile(os.path.join(base_dir, str(base_step), checksums), os.path.join(model_dir, str(steps), checksums))
 
 
 def measure_resume(model_dir: str, steps: int, batch_size: int) -> dict:

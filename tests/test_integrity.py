@@ -173,3 +173,11 @@ def test_a_step_that_cannot_be_decoded_prints_one_line_and_no_traceback(trained_
     assert len(lines) == 3 * len(runs) and all(line.startswith("refused:") for line in lines), lines
     decoded = sum("its files cannot be decoded" in line for line in lines)
     assert decoded >= 3, f"the offsets {DECODE_FAILURES} no longer hit the decode path: {lines}"
+
+
+def test_arrays_are_named_as_paths_of_plain_words():
+    """The optimizer state's names read like the parameters' (it printed "opt_state'][0].count")."""
+    names = ["['opt_state'][0].count", "['opt_state'][0].v_row['decoder/decoder_norm/scale']",
+             "['params']['encoder']['layers_0']['mlp']['wo']['kernel']", "['a']", "['b']"]
+    assert integrity.describe(names) == ("opt_state/0/count, opt_state/0/v_row/decoder/decoder_norm/scale, "
+                                         "params/encoder/layers_0/mlp/wo/kernel and 2 more arrays")

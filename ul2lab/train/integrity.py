@@ -13,6 +13,7 @@ multipliers are invertible), moved or swapped words change it with probability 1
 random garbage passes both with probability ~2**-64. Sums are exact in any order, so the digest is
 the same on one device or sharded over many, and it is computed where the arrays are, under jit.
 """
+import re
 from typing import Any, Dict, List, Tuple
 
 import jax
@@ -106,6 +107,15 @@ def problems(tree: Any, saved: dict = None) -> List[str]:
     return found
 
 
+_PATH_PART = re.compile(r"\['((?:[^'\\]|\\.)*)'\]|\[(\d+)\]|\.(\w+)")  # ['key'], [index], .field of keystr
+
+
+def _plain(path: str) -> str:
+    """keystr's "['opt_state'][0].v_row['decoder/x']" as "opt_state/0/v_row/decoder/x"."""
+    parts = ["".join(groups) for groups in _PATH_PART.findall(path)]
+    return "/".join(parts) if parts else path
+
+
 def _some(paths: List[str]) -> str:
-    names = ", ".join(p.lstrip("[").replace("']['", "/").strip("[]'") for p in paths[:3])
+    names = ", ".join(_plain(p) for p in paths[:3])
     return names + (f" and {len(paths) - 3} more arrays" if len(paths) > 3 else "")
