@@ -70,12 +70,7 @@ def check_params_fit(config, params, checkpoint_dir: str, step: int):
     """CheckpointError naming the first parameters whose path or shape differs from the model's."""
     from ul2lab.models import network
     expected = jax.eval_shape(lambda rng: network.init_params(config, rng), jax.random.PRNGKey(0))
-    def shapes(tree):
-        return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(x))
-                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    want, got = shapes(expected), shapes(params)
-    wrong = ([f"{k}: {got[k]} saved, {want[k]} expected" for k in want if k in got and got[k] != want[k]]
-             + [f"{k} missing" for k in want if k not in got] + [f"{k} not in the model" for k in got if k not in want])
+    wrong = checkpoints.shape_mismatches(params, expected)
     if wrong:
         raise checkpoints.CheckpointError(
             f"the parameters in {os.path.abspath(checkpoint_dir)} (step {step}) do not fit this model (the one its "

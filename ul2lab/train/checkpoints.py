@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -713,12 +713,20 @@ def _check_covered(paths: list, saved: Optional[dict], directory: str, step: int
                                 f"copy, or {ALLOW_MISSING_CHECKSUMS}")
 
 
+def shape_mismatches(got: Any, expected: Any) -> List[str]:
+    """What differs between two trees of arrays by path ("/"-joined): another shape, a path missing from
+    `got`, a path `got` has that `expected` lacks; empty when they fit. orbax restores an array of
+    another shape without complaint, so every restore and every read of a step's parameters asks this."""
+    def shapes(tree):
+        return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+                tuple(np.shape(x)) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = shapes(got), shapes(expected)
+    return ([f"{k}: {have[k]} saved, {want[k]} expected" for k in want if k in have and have[k] != want[k]]
+            + [f"{k} missing" for k in want if k not in have] + [f"{k} not in the model" for k in have if k not in want])
+
+
 def _check_shapes(restored: Any, expected: Any, what: str):
-    """orbax restores an array of another shape without complaint; a model of another shape must fail."""
-    wrong = [f"{jax.tree_util.keystr(path)}: {np.shape(got)} saved, {want.shape} expected"
-             for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
-                                          jax.tree_util.tree_leaves(expected))
-             if tuple(np.shape(got)) != tuple(want.shape)]
+    wrong = shape_mismatches(restored, expected)
     if wrong:
         raise CheckpointError(f"{what} do not fit this model: {'; '.join(wrong[:3])}"
                               + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
